@@ -1,0 +1,636 @@
+//! The sync protocol: operations, conflict detection and resolution, state deltas.
+//!
+//! Everything here is pure and deterministic: the same inputs give the same
+//! outputs on every replica, which is what lets replicas converge.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use thiserror::Error;
+
+use crate::value::{Map, Value};
+
+/// Errors of the protocol's public functions. The messages are part of the Lua
+/// API (the old implementation raised the same strings).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("Manual strategy requires resolver_fn")]
+    ManualNeedsResolver,
+    #[error("Unknown conflict strategy: {0}")]
+    UnknownStrategy(String),
+}
+
+/// The kind of change an operation carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OpType {
+    Create,
+    Update,
+    Delete,
+    MetadataUpdate,
+}
+
+impl OpType {
+    pub const ALL: [OpType; 4] = [
+        OpType::Create,
+        OpType::Update,
+        OpType::Delete,
+        OpType::MetadataUpdate,
+    ];
+
+    /// The wire and Lua spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpType::Create => "create",
+            OpType::Update => "update",
+            OpType::Delete => "delete",
+            OpType::MetadataUpdate => "metadata_update",
+        }
+    }
+
+    /// The constant name in `Protocol.OperationType`.
+    pub fn constant_name(self) -> &'static str {
+        match self {
+            OpType::Create => "CREATE",
+            OpType::Update => "UPDATE",
+            OpType::Delete => "DELETE",
+            OpType::MetadataUpdate => "METADATA_UPDATE",
+        }
+    }
+
+    /// Parses a type, ignoring ASCII case: old callers and docs also write `"UPDATE"`.
+    pub fn parse(s: &str) -> Option<OpType> {
+        OpType::ALL
+            .into_iter()
+            .find(|t| t.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+impl Serialize for OpType {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for OpType {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        OpType::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown operation type \"{s}\"")))
+    }
+}
+
+/// How a conflict is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConflictStrategy {
+    LastWriteWins,
+    Manual,
+    AutoMerge,
+    KeepBoth,
+}
+
+impl ConflictStrategy {
+    pub const ALL: [ConflictStrategy; 4] = [
+        ConflictStrategy::LastWriteWins,
+        ConflictStrategy::Manual,
+        ConflictStrategy::AutoMerge,
+        ConflictStrategy::KeepBoth,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictStrategy::LastWriteWins => "last_write_wins",
+            ConflictStrategy::Manual => "manual",
+            ConflictStrategy::AutoMerge => "auto_merge",
+            ConflictStrategy::KeepBoth => "keep_both",
+        }
+    }
+
+    pub fn constant_name(self) -> &'static str {
+        match self {
+            ConflictStrategy::LastWriteWins => "LAST_WRITE_WINS",
+            ConflictStrategy::Manual => "MANUAL",
+            ConflictStrategy::AutoMerge => "AUTO_MERGE",
+            ConflictStrategy::KeepBoth => "KEEP_BOTH",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<ConflictStrategy, ProtocolError> {
+        ConflictStrategy::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| ProtocolError::UnknownStrategy(s.to_owned()))
+    }
+}
+
+/// What kind of concurrent change a conflict is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictType {
+    ConcurrentUpdate,
+    DeleteUpdate,
+    UpdateDelete,
+    Unknown,
+}
+
+impl ConflictType {
+    pub fn of(local: Option<OpType>, remote: Option<OpType>) -> ConflictType {
+        use OpType::{Delete, Update};
+        match (local, remote) {
+            (Some(Update), Some(Update)) => ConflictType::ConcurrentUpdate,
+            (Some(Delete), Some(Update)) => ConflictType::DeleteUpdate,
+            (Some(Update), Some(Delete)) => ConflictType::UpdateDelete,
+            _ => ConflictType::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictType::ConcurrentUpdate => "concurrent_update",
+            ConflictType::DeleteUpdate => "delete_update_conflict",
+            ConflictType::UpdateDelete => "update_delete_conflict",
+            ConflictType::Unknown => "unknown",
+        }
+    }
+}
+
+/// One change to one story, as stored, queued and sent on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub op_type: OpType,
+    pub story_id: String,
+    /// Full story for create/update, metadata for metadata_update, absent for delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub metadata: Map,
+    /// Edit time, Unix seconds.
+    #[serde(deserialize_with = "seconds")]
+    pub timestamp: i64,
+    #[serde(default)]
+    pub device_id: String,
+    /// The server version of this story the change was made on (absent from old clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_version: Option<u64>,
+    /// Server-assigned sequence number, present once the server accepted the operation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Fields this version does not know, carried through unchanged.
+    #[serde(flatten)]
+    pub extra: Map,
+}
+
+impl Operation {
+    /// A new operation with a fresh id, stamped now.
+    pub fn new(op_type: OpType, story_id: impl Into<String>, data: Option<Value>) -> Self {
+        Operation {
+            id: new_operation_id(),
+            op_type,
+            story_id: story_id.into(),
+            data,
+            metadata: Map::new(),
+            timestamp: now_seconds(),
+            device_id: String::new(),
+            base_version: None,
+            version: None,
+            extra: Map::new(),
+        }
+    }
+
+    /// The key this operation sorts by in last-write-wins.
+    pub fn order_key(&self) -> OrderKey<'_> {
+        OrderKey {
+            timestamp: self.timestamp as f64,
+            device_id: &self.device_id,
+            op_id: &self.id,
+        }
+    }
+}
+
+/// Accepts integer or float seconds (Lua 5.1 and JSON decoders may give either).
+fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let v = f64::deserialize(deserializer)?;
+    if v.is_finite() {
+        Ok(v.floor() as i64)
+    } else {
+        Err(serde::de::Error::custom("timestamp must be a finite number"))
+    }
+}
+
+/// A random (OS entropy) UUID v4. The old Lua code used an unseeded `math.random`,
+/// so every process on Lua 5.1/LuaJIT produced the same ids.
+pub fn new_operation_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Current Unix time in whole seconds, the unit of every timestamp in the API.
+pub fn now_seconds() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Total order used by last-write-wins: timestamp, then device id, then operation
+/// id. Every replica compares the same two operations the same way.
+#[derive(Debug, Clone, Copy)]
+pub struct OrderKey<'a> {
+    pub timestamp: f64,
+    pub device_id: &'a str,
+    pub op_id: &'a str,
+}
+
+impl OrderKey<'_> {
+    pub fn cmp(&self, other: &OrderKey<'_>) -> Ordering {
+        self.timestamp
+            .total_cmp(&other.timestamp)
+            .then_with(|| self.device_id.cmp(other.device_id))
+            .then_with(|| self.op_id.cmp(other.op_id))
+    }
+}
+
+/// Which side of a conflict a decision favours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Local,
+    Remote,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Local => "local",
+            Side::Remote => "remote",
+        }
+    }
+}
+
+/// The last-write-wins winner. Identical keys (the same operation seen twice) favour local.
+pub fn last_write_wins(local: &OrderKey<'_>, remote: &OrderKey<'_>) -> Side {
+    match local.cmp(remote) {
+        Ordering::Less => Side::Remote,
+        _ => Side::Local,
+    }
+}
+
+/// The parts of an operation conflict detection needs.
+#[derive(Debug, Clone)]
+pub struct OpHeader<'a> {
+    pub story_id: &'a str,
+    pub op_type: Option<OpType>,
+    /// Server sequence number, once accepted.
+    pub version: Option<u64>,
+    /// Server version of the story the change was based on.
+    pub base_version: Option<u64>,
+}
+
+/// Operations on one story from both sides, by index into the inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConflictGroup {
+    pub story_id: String,
+    pub local: Vec<usize>,
+    pub remote: Vec<usize>,
+    pub conflict_type: ConflictType,
+}
+
+/// Stories changed concurrently on both sides.
+///
+/// Operations are grouped by story id (hash map, linear time). A story changed on
+/// both sides conflicts unless the latest changes are causally ordered (one side's
+/// change was based on a server version that already included the other's) or
+/// both sides deleted it. Without version information, changes on both sides
+/// are concurrent. Groups come out in the order their story first appears in
+/// `local`.
+pub fn detect_conflicts(local: &[OpHeader<'_>], remote: &[OpHeader<'_>]) -> Vec<ConflictGroup> {
+    let mut remote_by_story: HashMap<&str, Vec<usize>> = HashMap::with_capacity(remote.len());
+    for (i, op) in remote.iter().enumerate() {
+        remote_by_story.entry(op.story_id).or_default().push(i);
+    }
+    let mut order: Vec<&str> = Vec::new();
+    let mut local_by_story: HashMap<&str, Vec<usize>> = HashMap::with_capacity(local.len());
+    for (i, op) in local.iter().enumerate() {
+        if !remote_by_story.contains_key(op.story_id) {
+            continue;
+        }
+        local_by_story
+            .entry(op.story_id)
+            .or_insert_with(|| {
+                order.push(op.story_id);
+                Vec::new()
+            })
+            .push(i);
+    }
+    order
+        .into_iter()
+        .filter_map(|story_id| {
+            let local_ids = local_by_story.remove(story_id)?;
+            let remote_ids = remote_by_story.remove(story_id)?;
+            let l = &local[*local_ids.last()?];
+            let r = &remote[*remote_ids.last()?];
+            if causally_ordered(l, r) || (is_delete(l) && is_delete(r)) {
+                return None;
+            }
+            Some(ConflictGroup {
+                story_id: story_id.to_owned(),
+                conflict_type: ConflictType::of(l.op_type, r.op_type),
+                local: local_ids,
+                remote: remote_ids,
+            })
+        })
+        .collect()
+}
+
+fn is_delete(op: &OpHeader<'_>) -> bool {
+    op.op_type == Some(OpType::Delete)
+}
+
+/// True when one change was made knowing the other.
+fn causally_ordered(a: &OpHeader<'_>, b: &OpHeader<'_>) -> bool {
+    let saw = |x: &OpHeader<'_>, y: &OpHeader<'_>| matches!((x.base_version, y.version), (Some(base), Some(v)) if base >= v);
+    saw(a, b) || saw(b, a)
+}
+
+/// Field-by-field merge of two versions of a story.
+///
+/// Members present on one side only are kept; objects present on both sides are
+/// merged recursively; anything else that differs (scalars, arrays, a type
+/// change) takes the value of `winner`, the last-write-wins side. The result is
+/// the same whichever replica computes it. When one side deleted the story the
+/// surviving edit is kept: auto-merge never discards an edit.
+pub fn merge(local: Option<&Value>, remote: Option<&Value>, winner: Side) -> Option<Value> {
+    match (local, remote) {
+        (Some(l), Some(r)) => Some(merge_values(l, r, winner)),
+        (Some(v), None) | (None, Some(v)) => Some(v.clone()),
+        (None, None) => None,
+    }
+}
+
+fn merge_values(local: &Value, remote: &Value, winner: Side) -> Value {
+    match (local, remote) {
+        (Value::Object(l), Value::Object(r)) => {
+            let mut merged = l.clone();
+            for (key, rv) in r {
+                let value = match l.get(key) {
+                    Some(lv) => merge_values(lv, rv, winner),
+                    None => rv.clone(),
+                };
+                merged.insert(key.clone(), value);
+            }
+            Value::Object(merged)
+        }
+        _ if local == remote => local.clone(),
+        _ => match winner {
+            Side::Local => local.clone(),
+            Side::Remote => remote.clone(),
+        },
+    }
+}
+
+/// Story ids for the two copies `keep_both` creates: distinct from each other and
+/// from the original, and the same on every replica for the same conflict
+/// (they are derived from the operations, not from the clock of whoever resolves).
+pub fn keep_both_ids(story_id: &str, local_op_id: &str, remote_op_id: &str) -> (String, String) {
+    let tag = |id: &str| id.chars().filter(char::is_ascii_alphanumeric).take(8).collect::<String>();
+    (
+        format!("{story_id}-local-{}", tag(local_op_id)),
+        format!("{story_id}-remote-{}", tag(remote_op_id)),
+    )
+}
+
+/// A change between two states (maps from story id to story).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change<K> {
+    Created(K),
+    Updated(K),
+    Deleted(K),
+}
+
+/// The changes that turn `old` into `new`, in story-id order, comparing stories with `same`.
+pub fn diff_states<K: Ord + Clone, V>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    mut same: impl FnMut(&V, &V) -> bool,
+) -> Vec<Change<K>> {
+    let mut changes = Vec::new();
+    let mut old_iter = old.iter().peekable();
+    let mut new_iter = new.iter().peekable();
+    loop {
+        match (old_iter.peek(), new_iter.peek()) {
+            (Some((ok, _)), Some((nk, _))) if ok < nk => {
+                changes.push(Change::Deleted((*ok).clone()));
+                old_iter.next();
+            }
+            (Some((ok, ov)), Some((nk, nv))) if ok == nk => {
+                if !same(ov, nv) {
+                    changes.push(Change::Updated((*nk).clone()));
+                }
+                old_iter.next();
+                new_iter.next();
+            }
+            (_, Some((nk, _))) => {
+                changes.push(Change::Created((*nk).clone()));
+                new_iter.next();
+            }
+            (Some((ok, _)), None) => {
+                changes.push(Change::Deleted((*ok).clone()));
+                old_iter.next();
+            }
+            (None, None) => return changes,
+        }
+    }
+}
+
+/// Operations turning `old` into `new`: create, update (full new story) and delete.
+pub fn generate_delta(old: &BTreeMap<String, Value>, new: &BTreeMap<String, Value>) -> Vec<Operation> {
+    diff_states(old, new, |a, b| a == b)
+        .into_iter()
+        .map(|change| match change {
+            Change::Created(id) => {
+                let data = new[&id].clone();
+                Operation::new(OpType::Create, id, Some(data))
+            }
+            Change::Updated(id) => {
+                let data = new[&id].clone();
+                Operation::new(OpType::Update, id, Some(data))
+            }
+            Change::Deleted(id) => Operation::new(OpType::Delete, id, None),
+        })
+        .collect()
+}
+
+/// `state` with `ops` applied in order. A metadata update replaces the story's
+/// `metadata` member (on a copy: the input is never modified).
+pub fn apply_delta(state: &BTreeMap<String, Value>, ops: &[Operation]) -> BTreeMap<String, Value> {
+    let mut next = state.clone();
+    for op in ops {
+        match op.op_type {
+            OpType::Create | OpType::Update => match &op.data {
+                Some(data) => {
+                    next.insert(op.story_id.clone(), data.clone());
+                }
+                None => {
+                    next.remove(&op.story_id);
+                }
+            },
+            OpType::Delete => {
+                next.remove(&op.story_id);
+            }
+            OpType::MetadataUpdate => {
+                if let Some(Value::Object(story)) = next.get_mut(&op.story_id) {
+                    story.insert("metadata".into(), op.data.clone().unwrap_or_default());
+                }
+            }
+        }
+    }
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(story_id: &str, op_type: OpType) -> OpHeader<'_> {
+        OpHeader {
+            story_id,
+            op_type: Some(op_type),
+            version: None,
+            base_version: None,
+        }
+    }
+
+    fn story(title: &str) -> Value {
+        Value::Object(Map::from([("title".to_string(), Value::from(title))]))
+    }
+
+    #[test]
+    fn op_types_parse_any_case() {
+        assert_eq!(OpType::parse("UPDATE"), Some(OpType::Update));
+        assert_eq!(OpType::parse("metadata_update"), Some(OpType::MetadataUpdate));
+        assert_eq!(OpType::parse("rename"), None);
+    }
+
+    #[test]
+    fn unknown_strategy_names_itself() {
+        let err = ConflictStrategy::parse("coin_flip").unwrap_err();
+        assert_eq!(err.to_string(), "Unknown conflict strategy: coin_flip");
+    }
+
+    #[test]
+    fn different_stories_do_not_conflict() {
+        let local = [header("a", OpType::Update)];
+        let remote = [header("b", OpType::Update)];
+        assert!(detect_conflicts(&local, &remote).is_empty());
+    }
+
+    #[test]
+    fn same_story_on_both_sides_conflicts() {
+        let local = [header("a", OpType::Update), header("a", OpType::Delete)];
+        let remote = [header("a", OpType::Update)];
+        let groups = detect_conflicts(&local, &remote);
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].local, vec![0, 1]);
+        assert_eq!(groups[0].conflict_type, ConflictType::DeleteUpdate);
+    }
+
+    #[test]
+    fn causally_ordered_changes_do_not_conflict() {
+        let mut local = header("a", OpType::Update);
+        local.base_version = Some(7);
+        let mut remote = header("a", OpType::Update);
+        remote.version = Some(7);
+        assert!(detect_conflicts(&[local.clone()], &[remote.clone()]).is_empty());
+        remote.version = Some(8);
+        assert_eq!(detect_conflicts(&[local], &[remote]).len(), 1);
+    }
+
+    #[test]
+    fn both_deleted_is_not_a_conflict() {
+        let local = [header("a", OpType::Delete)];
+        let remote = [header("a", OpType::Delete)];
+        assert!(detect_conflicts(&local, &remote).is_empty());
+    }
+
+    #[test]
+    fn groups_follow_local_order() {
+        let local = [header("z", OpType::Update), header("a", OpType::Update)];
+        let remote = [header("a", OpType::Update), header("z", OpType::Update)];
+        let ids: Vec<_> = detect_conflicts(&local, &remote)
+            .into_iter()
+            .map(|g| g.story_id)
+            .collect();
+        assert_eq!(ids, ["z", "a"]);
+    }
+
+    #[test]
+    fn last_write_wins_is_a_total_order() {
+        let a = OrderKey {
+            timestamp: 10.0,
+            device_id: "dev-a",
+            op_id: "1",
+        };
+        let b = OrderKey {
+            timestamp: 10.0,
+            device_id: "dev-b",
+            op_id: "0",
+        };
+        assert_eq!(last_write_wins(&a, &b), Side::Remote);
+        assert_eq!(last_write_wins(&b, &a), Side::Local);
+        assert_eq!(last_write_wins(&a, &a), Side::Local);
+    }
+
+    #[test]
+    fn merge_keeps_fields_from_both_sides() {
+        let l: Value = serde_json::from_str(r#"{"title":"L","author":"A","n":{"x":1}}"#).unwrap();
+        let r: Value = serde_json::from_str(r#"{"title":"R","desc":"D","n":{"y":2}}"#).unwrap();
+        let merged = merge(Some(&l), Some(&r), Side::Remote).unwrap();
+        let expected: Value =
+            serde_json::from_str(r#"{"title":"R","author":"A","desc":"D","n":{"x":1,"y":2}}"#).unwrap();
+        assert_eq!(merged, expected);
+    }
+
+    #[test]
+    fn merge_keeps_an_edit_over_a_delete() {
+        let l = story("kept");
+        assert_eq!(merge(Some(&l), None, Side::Remote), Some(l.clone()));
+        assert_eq!(merge(None, Some(&l), Side::Local), Some(l));
+    }
+
+    #[test]
+    fn keep_both_ids_are_distinct_and_stable() {
+        let (a, b) = keep_both_ids("s", "0f3c-aa", "0f3c-aa");
+        assert_ne!(a, b);
+        assert_eq!(keep_both_ids("s", "0f3c-aa", "0f3c-aa"), (a, b));
+    }
+
+    #[test]
+    fn delta_round_trip() {
+        let old = BTreeMap::from([("1".to_string(), story("a")), ("2".to_string(), story("b"))]);
+        let new = BTreeMap::from([("2".to_string(), story("c")), ("3".to_string(), story("d"))]);
+        let delta = generate_delta(&old, &new);
+        let types: Vec<_> = delta.iter().map(|op| op.op_type).collect();
+        assert_eq!(types, [OpType::Delete, OpType::Update, OpType::Create]);
+        assert_eq!(apply_delta(&old, &delta), new);
+    }
+
+    #[test]
+    fn metadata_update_replaces_metadata_on_a_copy() {
+        let old = BTreeMap::from([("1".to_string(), story("a"))]);
+        let mut op = Operation::new(OpType::MetadataUpdate, "1", Some(story("meta")));
+        op.device_id = "d".into();
+        let next = apply_delta(&old, &[op]);
+        assert_eq!(next["1"].get("metadata"), Some(&story("meta")));
+        assert!(old["1"].get("metadata").is_none());
+    }
+
+    #[test]
+    fn operation_wire_shape() {
+        let text = r#"{"id":"x","type":"UPDATE","story_id":"s","data":{"t":1},"timestamp":12.0,"device_id":"d","hint":true}"#;
+        let op: Operation = serde_json::from_str(text).unwrap();
+        assert_eq!(op.op_type, OpType::Update);
+        assert_eq!(op.timestamp, 12);
+        assert_eq!(op.extra.get("hint"), Some(&Value::Bool(true)));
+        let back = serde_json::to_string(&op).unwrap();
+        assert_eq!(back, r#"{"id":"x","type":"update","story_id":"s","data":{"t":1},"timestamp":12,"device_id":"d","hint":true}"#);
+    }
+}
