@@ -1,1 +1,30 @@
+//! The `whisker_sync` native Lua module: whisker-sync's Rust implementation
+//! exposed to Lua. The Lua modules under `lua/whisker/storage/sync/` load it
+//! and present the classes at the module paths whisker-core always used.
 
+mod protocol;
+mod raw;
+
+use mlua::{Lua, Table};
+
+/// The Lua flavour this build targets, as the Lua modules check it.
+const LUA_FLAVOUR: &str = if cfg!(feature = "luajit") {
+    "luajit"
+} else if cfg!(feature = "lua51") {
+    "lua5.1"
+} else if cfg!(feature = "lua52") {
+    "lua5.2"
+} else if cfg!(feature = "lua53") {
+    "lua5.3"
+} else {
+    "lua5.4"
+};
+
+#[mlua::lua_module]
+fn whisker_sync(lua: &Lua) -> mlua::Result<Table> {
+    let exports = lua.create_table()?;
+    exports.set("version", env!("CARGO_PKG_VERSION"))?;
+    exports.set("lua_flavour", LUA_FLAVOUR)?;
+    exports.set("protocol", protocol::module(lua)?)?;
+    Ok(exports)
+}

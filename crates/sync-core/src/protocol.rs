@@ -5,8 +5,10 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use foldhash::fast::RandomState;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
@@ -215,7 +217,9 @@ fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> 
     if v.is_finite() {
         Ok(v.floor() as i64)
     } else {
-        Err(serde::de::Error::custom("timestamp must be a finite number"))
+        Err(serde::de::Error::custom(
+            "timestamp must be a finite number",
+        ))
     }
 }
 
@@ -241,14 +245,28 @@ pub struct OrderKey<'a> {
     pub op_id: &'a str,
 }
 
-impl OrderKey<'_> {
-    pub fn cmp(&self, other: &OrderKey<'_>) -> Ordering {
+impl Ord for OrderKey<'_> {
+    fn cmp(&self, other: &Self) -> Ordering {
         self.timestamp
             .total_cmp(&other.timestamp)
             .then_with(|| self.device_id.cmp(other.device_id))
             .then_with(|| self.op_id.cmp(other.op_id))
     }
 }
+
+impl PartialOrd for OrderKey<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for OrderKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for OrderKey<'_> {}
 
 /// Which side of a conflict a decision favours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,10 +292,9 @@ pub fn last_write_wins(local: &OrderKey<'_>, remote: &OrderKey<'_>) -> Side {
     }
 }
 
-/// The parts of an operation conflict detection needs.
-#[derive(Debug, Clone)]
-pub struct OpHeader<'a> {
-    pub story_id: &'a str,
+/// The parts of an operation that decide whether it conflicts with another.
+#[derive(Debug, Clone, Default)]
+pub struct OpHeader {
     pub op_type: Option<OpType>,
     /// Server sequence number, once accepted.
     pub version: Option<u64>,
@@ -285,70 +302,168 @@ pub struct OpHeader<'a> {
     pub base_version: Option<u64>,
 }
 
-/// Operations on one story from both sides, by index into the inputs.
+/// Sentinel for "no next operation" in [`SharedStories`] chains.
+const END: u32 = u32::MAX;
+
+/// Operations of one story on one side: a chain of indices into the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chain {
+    first: u32,
+    last: u32,
+    pub len: u32,
+}
+
+impl Chain {
+    fn new(i: u32) -> Self {
+        Chain {
+            first: i,
+            last: i,
+            len: 1,
+        }
+    }
+
+    /// Index of the story's latest operation on this side.
+    pub fn last(&self) -> usize {
+        self.last as usize
+    }
+
+    fn push(&mut self, i: u32, next: &mut [u32]) {
+        next[self.last as usize] = i;
+        self.last = i;
+        self.len += 1;
+    }
+}
+
+/// A story with operations on both sides.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConflictGroup {
-    pub story_id: String,
+pub struct SharedStory<K> {
+    pub story_id: K,
+    pub local: Chain,
+    pub remote: Chain,
+}
+
+/// Stories present on both sides, in the order they first appear locally.
+/// Indices are kept in chains rather than one vector per story, so grouping
+/// allocates a fixed number of buffers whatever the number of stories.
+#[derive(Debug, Clone)]
+pub struct SharedStories<K> {
+    pub stories: Vec<SharedStory<K>>,
+    local_next: Vec<u32>,
+    remote_next: Vec<u32>,
+}
+
+impl<K> SharedStories<K> {
+    /// Indices of the story's local operations, oldest first.
+    pub fn local_indices(&self, story: &SharedStory<K>) -> impl Iterator<Item = usize> + '_ {
+        walk(story.local, &self.local_next)
+    }
+
+    /// Indices of the story's remote operations, oldest first.
+    pub fn remote_indices(&self, story: &SharedStory<K>) -> impl Iterator<Item = usize> + '_ {
+        walk(story.remote, &self.remote_next)
+    }
+}
+
+fn walk(chain: Chain, next: &[u32]) -> impl Iterator<Item = usize> + '_ {
+    std::iter::successors(Some(chain.first), move |&i| {
+        Some(next[i as usize]).filter(|&n| n != END)
+    })
+    .map(|i| i as usize)
+}
+
+/// Groups operations by story id (one hash map, linear time) and keeps the
+/// stories present on both sides.
+pub fn shared_stories<K: Hash + Eq + Copy>(local: &[K], remote: &[K]) -> SharedStories<K> {
+    let mut remote_next = vec![END; remote.len()];
+    let mut remote_by_story: HashMap<K, Chain, RandomState> =
+        HashMap::with_capacity_and_hasher(remote.len(), RandomState::default());
+    for (i, id) in remote.iter().enumerate() {
+        let i = i as u32;
+        remote_by_story
+            .entry(*id)
+            .and_modify(|chain| chain.push(i, &mut remote_next))
+            .or_insert_with(|| Chain::new(i));
+    }
+    let mut local_next = vec![END; local.len()];
+    let mut stories: Vec<SharedStory<K>> = Vec::new();
+    for (i, id) in local.iter().enumerate() {
+        let i = i as u32;
+        let Some(remote_chain) = remote_by_story.get_mut(id) else {
+            continue;
+        };
+        // A story already taken up has its remote chain's length set to 0 and
+        // points to its slot instead, which saves a second map.
+        if remote_chain.len == 0 {
+            stories[remote_chain.first as usize]
+                .local
+                .push(i, &mut local_next);
+        } else {
+            stories.push(SharedStory {
+                story_id: *id,
+                local: Chain::new(i),
+                remote: *remote_chain,
+            });
+            *remote_chain = Chain {
+                first: (stories.len() - 1) as u32,
+                last: END,
+                len: 0,
+            };
+        }
+    }
+    SharedStories {
+        stories,
+        local_next,
+        remote_next,
+    }
+}
+
+/// Whether the latest local and remote changes to one story conflict, and how.
+///
+/// They do unless they are causally ordered (one was based on a server version
+/// that already included the other) or both delete the story. Without version
+/// information, changes on both sides are concurrent.
+pub fn conflict_between(local: &OpHeader, remote: &OpHeader) -> Option<ConflictType> {
+    let saw = |x: &OpHeader, y: &OpHeader| matches!((x.base_version, y.version), (Some(base), Some(v)) if base >= v);
+    let both_deleted =
+        local.op_type == Some(OpType::Delete) && remote.op_type == Some(OpType::Delete);
+    if saw(local, remote) || saw(remote, local) || both_deleted {
+        return None;
+    }
+    Some(ConflictType::of(local.op_type, remote.op_type))
+}
+
+/// A conflict found by [`detect_conflicts`]: operation indices on each side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConflictGroup<K> {
+    pub story_id: K,
     pub local: Vec<usize>,
     pub remote: Vec<usize>,
     pub conflict_type: ConflictType,
 }
 
-/// Stories changed concurrently on both sides.
-///
-/// Operations are grouped by story id (hash map, linear time). A story changed on
-/// both sides conflicts unless the latest changes are causally ordered (one side's
-/// change was based on a server version that already included the other's) or
-/// both sides deleted it. Without version information, changes on both sides
-/// are concurrent. Groups come out in the order their story first appears in
-/// `local`.
-pub fn detect_conflicts(local: &[OpHeader<'_>], remote: &[OpHeader<'_>]) -> Vec<ConflictGroup> {
-    let mut remote_by_story: HashMap<&str, Vec<usize>> = HashMap::with_capacity(remote.len());
-    for (i, op) in remote.iter().enumerate() {
-        remote_by_story.entry(op.story_id).or_default().push(i);
-    }
-    let mut order: Vec<&str> = Vec::new();
-    let mut local_by_story: HashMap<&str, Vec<usize>> = HashMap::with_capacity(local.len());
-    for (i, op) in local.iter().enumerate() {
-        if !remote_by_story.contains_key(op.story_id) {
-            continue;
-        }
-        local_by_story
-            .entry(op.story_id)
-            .or_insert_with(|| {
-                order.push(op.story_id);
-                Vec::new()
-            })
-            .push(i);
-    }
-    order
-        .into_iter()
-        .filter_map(|story_id| {
-            let local_ids = local_by_story.remove(story_id)?;
-            let remote_ids = remote_by_story.remove(story_id)?;
-            let l = &local[*local_ids.last()?];
-            let r = &remote[*remote_ids.last()?];
-            if causally_ordered(l, r) || (is_delete(l) && is_delete(r)) {
-                return None;
-            }
+/// Stories changed concurrently on both sides: [`shared_stories`] filtered by
+/// [`conflict_between`] on each side's latest operation.
+pub fn detect_conflicts<K: Hash + Eq + Copy>(
+    local: &[(K, OpHeader)],
+    remote: &[(K, OpHeader)],
+) -> Vec<ConflictGroup<K>> {
+    let local_ids: Vec<K> = local.iter().map(|(id, _)| *id).collect();
+    let remote_ids: Vec<K> = remote.iter().map(|(id, _)| *id).collect();
+    let shared = shared_stories(&local_ids, &remote_ids);
+    shared
+        .stories
+        .iter()
+        .filter_map(|story| {
+            let l = &local[story.local.last()].1;
+            let r = &remote[story.remote.last()].1;
             Some(ConflictGroup {
-                story_id: story_id.to_owned(),
-                conflict_type: ConflictType::of(l.op_type, r.op_type),
-                local: local_ids,
-                remote: remote_ids,
+                story_id: story.story_id,
+                local: shared.local_indices(story).collect(),
+                remote: shared.remote_indices(story).collect(),
+                conflict_type: conflict_between(l, r)?,
             })
         })
         .collect()
-}
-
-fn is_delete(op: &OpHeader<'_>) -> bool {
-    op.op_type == Some(OpType::Delete)
-}
-
-/// True when one change was made knowing the other.
-fn causally_ordered(a: &OpHeader<'_>, b: &OpHeader<'_>) -> bool {
-    let saw = |x: &OpHeader<'_>, y: &OpHeader<'_>| matches!((x.base_version, y.version), (Some(base), Some(v)) if base >= v);
-    saw(a, b) || saw(b, a)
 }
 
 /// Field-by-field merge of two versions of a story.
@@ -391,7 +506,12 @@ fn merge_values(local: &Value, remote: &Value, winner: Side) -> Value {
 /// from the original, and the same on every replica for the same conflict
 /// (they are derived from the operations, not from the clock of whoever resolves).
 pub fn keep_both_ids(story_id: &str, local_op_id: &str, remote_op_id: &str) -> (String, String) {
-    let tag = |id: &str| id.chars().filter(char::is_ascii_alphanumeric).take(8).collect::<String>();
+    let tag = |id: &str| {
+        id.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(8)
+            .collect::<String>()
+    };
     (
         format!("{story_id}-local-{}", tag(local_op_id)),
         format!("{story_id}-remote-{}", tag(remote_op_id)),
@@ -442,7 +562,10 @@ pub fn diff_states<K: Ord + Clone, V>(
 }
 
 /// Operations turning `old` into `new`: create, update (full new story) and delete.
-pub fn generate_delta(old: &BTreeMap<String, Value>, new: &BTreeMap<String, Value>) -> Vec<Operation> {
+pub fn generate_delta(
+    old: &BTreeMap<String, Value>,
+    new: &BTreeMap<String, Value>,
+) -> Vec<Operation> {
     diff_states(old, new, |a, b| a == b)
         .into_iter()
         .map(|change| match change {
@@ -490,13 +613,14 @@ pub fn apply_delta(state: &BTreeMap<String, Value>, ops: &[Operation]) -> BTreeM
 mod tests {
     use super::*;
 
-    fn header(story_id: &str, op_type: OpType) -> OpHeader<'_> {
-        OpHeader {
+    fn header(story_id: &str, op_type: OpType) -> (&str, OpHeader) {
+        (
             story_id,
-            op_type: Some(op_type),
-            version: None,
-            base_version: None,
-        }
+            OpHeader {
+                op_type: Some(op_type),
+                ..OpHeader::default()
+            },
+        )
     }
 
     fn story(title: &str) -> Value {
@@ -506,7 +630,10 @@ mod tests {
     #[test]
     fn op_types_parse_any_case() {
         assert_eq!(OpType::parse("UPDATE"), Some(OpType::Update));
-        assert_eq!(OpType::parse("metadata_update"), Some(OpType::MetadataUpdate));
+        assert_eq!(
+            OpType::parse("metadata_update"),
+            Some(OpType::MetadataUpdate)
+        );
         assert_eq!(OpType::parse("rename"), None);
     }
 
@@ -536,12 +663,32 @@ mod tests {
     #[test]
     fn causally_ordered_changes_do_not_conflict() {
         let mut local = header("a", OpType::Update);
-        local.base_version = Some(7);
+        local.1.base_version = Some(7);
         let mut remote = header("a", OpType::Update);
-        remote.version = Some(7);
+        remote.1.version = Some(7);
         assert!(detect_conflicts(&[local.clone()], &[remote.clone()]).is_empty());
-        remote.version = Some(8);
+        remote.1.version = Some(8);
         assert_eq!(detect_conflicts(&[local], &[remote]).len(), 1);
+    }
+
+    #[test]
+    fn shared_stories_chains_every_operation_in_order() {
+        let local = ["a", "b", "a", "c", "a"];
+        let remote = ["c", "a", "x", "a"];
+        let shared = shared_stories(&local, &remote);
+        let groups: Vec<_> = shared
+            .stories
+            .iter()
+            .map(|s| {
+                let l: Vec<_> = shared.local_indices(s).collect();
+                let r: Vec<_> = shared.remote_indices(s).collect();
+                (s.story_id, l, r)
+            })
+            .collect();
+        assert_eq!(
+            groups,
+            [("a", vec![0, 2, 4], vec![1, 3]), ("c", vec![3], vec![0])]
+        );
     }
 
     #[test]
@@ -585,7 +732,8 @@ mod tests {
         let r: Value = serde_json::from_str(r#"{"title":"R","desc":"D","n":{"y":2}}"#).unwrap();
         let merged = merge(Some(&l), Some(&r), Side::Remote).unwrap();
         let expected: Value =
-            serde_json::from_str(r#"{"title":"R","author":"A","desc":"D","n":{"x":1,"y":2}}"#).unwrap();
+            serde_json::from_str(r#"{"title":"R","author":"A","desc":"D","n":{"x":1,"y":2}}"#)
+                .unwrap();
         assert_eq!(merged, expected);
     }
 
@@ -631,6 +779,9 @@ mod tests {
         assert_eq!(op.timestamp, 12);
         assert_eq!(op.extra.get("hint"), Some(&Value::Bool(true)));
         let back = serde_json::to_string(&op).unwrap();
-        assert_eq!(back, r#"{"id":"x","type":"update","story_id":"s","data":{"t":1},"timestamp":12,"device_id":"d","hint":true}"#);
+        assert_eq!(
+            back,
+            r#"{"id":"x","type":"update","story_id":"s","data":{"t":1},"timestamp":12,"device_id":"d","hint":true}"#
+        );
     }
 }

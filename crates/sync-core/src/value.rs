@@ -107,7 +107,7 @@ impl Value {
 pub fn integral(f: f64) -> Option<i64> {
     // 2^63 is exactly representable; anything at or beyond it does not fit in i64.
     const LIMIT: f64 = 9_223_372_036_854_775_808.0;
-    (f.fract() == 0.0 && f >= -LIMIT && f < LIMIT).then_some(f as i64)
+    (f.fract() == 0.0 && (-LIMIT..LIMIT).contains(&f)).then_some(f as i64)
 }
 
 impl PartialEq for Value {
@@ -168,7 +168,9 @@ impl fmt::Display for Value {
 
 fn serialize_float<S: Serializer>(f: f64, serializer: S) -> Result<S::Ok, S::Error> {
     if !f.is_finite() {
-        return Err(S::Error::custom(format!("{f} cannot be represented in JSON")));
+        return Err(S::Error::custom(format!(
+            "{f} cannot be represented in JSON"
+        )));
     }
     match integral(f) {
         // Within 2^53 an integral float is exactly an integer: write it as one so that
@@ -304,7 +306,12 @@ mod tests {
     use super::*;
 
     fn obj(pairs: &[(&str, Value)]) -> Value {
-        Value::Object(pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+        Value::Object(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )
     }
 
     #[test]
