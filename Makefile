@@ -1,0 +1,55 @@
+# whisker-sync: `make test` runs everything, `make build` builds the native
+# module for every Lua flavour. Both install missing prerequisites first.
+
+FLAVOURS := lua5.4 lua5.1 luajit
+PROFILE ?= debug
+CARGO ?= cargo
+
+feature_lua5.4 := lua54
+feature_lua5.1 := lua51
+feature_luajit := luajit
+feature_lua5.3 := lua53
+feature_lua5.2 := lua52
+profile_flag := $(if $(filter release,$(PROFILE)),--release,)
+
+# Every flavour builds into the same cargo output file before it is copied to
+# build/<flavour>/, so builds must not run in parallel.
+.NOTPARALLEL:
+
+.PHONY: all build test conformance lint fmt bootstrap clean $(addprefix build-,$(FLAVOURS) lua5.3 lua5.2)
+
+all: build
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+build: $(addprefix build-,$(FLAVOURS))
+
+# build-<flavour>: the native module for one Lua flavour, in build/<flavour>/.
+# `install` replaces the file instead of rewriting it, so a running
+# interpreter that has the old one loaded is not disturbed.
+define flavour_build
+build-$(1): bootstrap
+	$(CARGO) build -p whisker-sync $(profile_flag) --no-default-features --features $(feature_$(1))
+	@mkdir -p build/$(1)
+	install -m 755 target/$(PROFILE)/libwhisker_sync.so build/$(1)/whisker_sync.so
+endef
+$(foreach flavour,$(FLAVOURS) lua5.3 lua5.2,$(eval $(call flavour_build,$(flavour))))
+
+test: bootstrap
+	@scripts/test.sh
+
+conformance: build
+	@scripts/conformance.sh
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	luacheck lua spec
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
+	rm -rf build

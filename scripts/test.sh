@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Runs every check and test of whisker-sync: formatting, lints, cargo tests
+# (with the busted specs under mlua) for each Lua flavour, busted on each system
+# interpreter, and whisker-core's specs when WHISKER_CORE is set. Ends with one
+# line "N passed, N failed" and fails when anything failed.
+set -uo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+flavours=(lua5.4 lua5.1 luajit)
+passed=0
+failed=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+feature_of() {
+  case $1 in
+    lua5.4) echo lua54 ;;
+    lua5.1) echo lua51 ;;
+    luajit) echo luajit ;;
+  esac
+}
+
+# tally PASSED FAILED RC: adds counts; a failing command that reported no
+# failed test (a build error, a crash) still counts as one failure.
+tally() {
+  local p=$1 f=$2 rc=$3
+  if ((rc != 0 && f == 0)); then f=1; fi
+  passed=$((passed + p))
+  failed=$((failed + f))
+  ((f == 0)) || echo "!!! failed: $step"
+}
+
+# A check that passes or fails as a whole.
+check() {
+  step=$1
+  shift
+  echo "==> $step"
+  "$@"
+  local rc=$?
+  if ((rc == 0)); then tally 1 0 0; else tally 0 1 "$rc"; fi
+}
+
+# Runs a command and counts the tests it reports. $1 is the step name, $2 the
+# output format (cargo or busted), the rest the command.
+counted() {
+  step=$1
+  local format=$2
+  shift 2
+  echo "==> $step"
+  "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]} counts
+  case $format in
+    cargo)
+      counts=$(awk '/^test result:/ {
+          for (i = 2; i <= NF; i++) {
+            if ($i ~ /^passed;?$/) p += $(i - 1)
+            if ($i ~ /^failed;?$/) f += $(i - 1)
+          }
+        } END { print p + 0, f + 0 }' "$log")
+      ;;
+    busted)
+      counts=$(grep -Eo '[0-9]+ success(es)? / [0-9]+ failures? / [0-9]+ errors?' "$log" |
+        awk '{ p += $1; f += $4 + $7 } END { print p + 0, f + 0 }')
+      ;;
+    summary)
+      counts=$(grep -E '^[a-z]+: [0-9]+ passed, [0-9]+ failed' "$log" | tail -1 | awk '{ print $2, $4 }')
+      ;;
+  esac
+  read -r p f <<<"${counts:-0 0}"
+  tally "$p" "$f" "$rc"
+}
+
+check "cargo fmt" cargo fmt --all --check
+check "cargo clippy" cargo clippy --workspace --all-targets --quiet -- -D warnings
+check "cargo clippy (lua5.1)" cargo clippy -p whisker-sync --all-targets --quiet \
+  --no-default-features --features lua51 -- -D warnings
+check "luacheck" luacheck --quiet lua spec
+check "build native module (${flavours[*]})" make --no-print-directory build
+
+counted "cargo test" cargo cargo test --workspace
+for flavour in "${flavours[@]:1}"; do
+  counted "cargo test ($flavour)" cargo \
+    cargo test -p whisker-sync --no-default-features --features "$(feature_of "$flavour")"
+done
+
+for flavour in "${flavours[@]}"; do
+  counted "busted ($flavour)" busted "$flavour" "$(command -v busted)" -o plainTerminal \
+    --lpath="$root/lua/?.lua;$root/lua/?/init.lua" --cpath="$root/build/$flavour/?.so" spec
+done
+
+if [ -n "${WHISKER_CORE:-}" ]; then
+  counted "conformance (whisker-core specs)" summary scripts/conformance.sh
+else
+  echo "==> conformance: skipped (WHISKER_CORE not set)"
+fi
+
+echo
+echo "$passed passed, $failed failed"
+((failed == 0))
