@@ -80,6 +80,8 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Small request/response messages: do not let Nagle's algorithm hold them back.
+                let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let sender = sender.clone();
                 tokio::spawn(async move {
