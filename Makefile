@@ -16,7 +16,7 @@ profile_flag := $(if $(filter release,$(PROFILE)),--release,)
 # build/<flavour>/, so builds must not run in parallel.
 .NOTPARALLEL:
 
-.PHONY: all build test conformance lint fmt bootstrap clean $(addprefix build-,$(FLAVOURS) lua5.3 lua5.2)
+.PHONY: all build test conformance lint fmt bootstrap clean rock-build rock-install $(addprefix build-,$(FLAVOURS) lua5.3 lua5.2)
 
 all: build
 
@@ -35,6 +35,20 @@ build-$(1): bootstrap
 	install -m 755 target/$(PROFILE)/libwhisker_sync.so build/$(1)/whisker_sync.so
 endef
 $(foreach flavour,$(FLAVOURS) lua5.3 lua5.2,$(eval $(call flavour_build,$(flavour))))
+
+# LuaRocks build (rockspec/whisker-sync-scm-1.rockspec): LuaRocks passes the
+# interpreter it targets as LUA and the install directories of its tree.
+# ROCK_PROFILE=debug reuses the development build (used by the install test).
+ROCK_PROFILE ?= release
+rock_flavour = $(shell $(LUA) -e 'print(type(jit) == "table" and "luajit" or "lua" .. _VERSION:match("%d+%.%d+"))')
+
+rock-build:
+	$(MAKE) --no-print-directory build-$(rock_flavour) PROFILE=$(ROCK_PROFILE)
+
+rock-install:
+	install -d $(LIBDIR) $(LUADIR)
+	install -m 755 build/$(rock_flavour)/whisker_sync.so $(LIBDIR)/whisker_sync.so
+	cd lua && find . -name '*.lua' -exec install -D -m 644 {} $(LUADIR)/{} \;
 
 test: bootstrap
 	@scripts/test.sh

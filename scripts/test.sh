@@ -89,6 +89,8 @@ for flavour in "${flavours[@]}"; do
     --lpath="$root/lua/?.lua;$root/lua/?/init.lua" --cpath="$root/build/$flavour/?.so" spec
 done
 
+check "LuaRocks install (lua5.4, lua5.1)" scripts/test-rock.sh
+
 if [ -n "${WHISKER_CORE:-}" ]; then
   counted "conformance (whisker-core specs)" summary scripts/conformance.sh
 else

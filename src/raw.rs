@@ -375,47 +375,46 @@ pub(crate) unsafe fn deep_equal(
     )
 }
 
-unsafe fn equal_at(
-    state: State,
-    a: c_int,
-    b: c_int,
-    depth: usize,
-) -> Result<bool, ConvertErrorKind> {
-    let (ta, tb) = (ffi::lua_type(state, a), ffi::lua_type(state, b));
-    if ta == ffi::LUA_TNUMBER && tb == ffi::LUA_TNUMBER {
-        let (x, y) = (ffi::lua_tonumber(state, a), ffi::lua_tonumber(state, b));
-        return Ok(ffi::lua_rawequal(state, a, b) != 0 || (x.is_nan() && y.is_nan()));
+unsafe fn equal_at(state: State, a: c_int, b: c_int, depth: usize) -> Result<bool, ConvertErrorKind> {
+    // Raw equality settles most values in one call: the same table, equal
+    // strings, and numbers (Lua compares 1 and 1.0 as equal).
+    if ffi::lua_rawequal(state, a, b) != 0 {
+        return Ok(true);
     }
-    if ta != tb {
-        return Ok(false);
+    match (ffi::lua_type(state, a), ffi::lua_type(state, b)) {
+        (ffi::LUA_TTABLE, ffi::LUA_TTABLE) => tables_equal(state, a, b, depth),
+        (ffi::LUA_TNUMBER, ffi::LUA_TNUMBER) => {
+            Ok(ffi::lua_tonumber(state, a).is_nan() && ffi::lua_tonumber(state, b).is_nan())
+        }
+        _ => Ok(false),
     }
-    if ta != ffi::LUA_TTABLE || ffi::lua_rawequal(state, a, b) != 0 {
-        return Ok(ffi::lua_rawequal(state, a, b) != 0);
-    }
+}
+
+unsafe fn tables_equal(state: State, a: c_int, b: c_int, depth: usize) -> Result<bool, ConvertErrorKind> {
     if depth >= MAX_DEPTH {
         return Err(ConvertErrorKind::TooDeep);
     }
     ensure_stack(state, 4)?;
     let base = ffi::lua_gettop(state);
+    let (key, value_a, value_b) = (base + 1, base + 2, base + 3);
     let mut count_a = 0usize;
     ffi::lua_pushnil(state);
     while ffi::lua_next(state, a) != 0 {
         count_a += 1;
-        let value_a = ffi::lua_gettop(state);
-        ffi::lua_pushvalue(state, value_a - 1);
+        ffi::lua_pushvalue(state, key);
         ffi::lua_rawget(state, b);
-        let same = equal_at(state, value_a, value_a + 1, depth + 1);
-        ffi::lua_settop(state, value_a - 1);
+        let same = equal_at(state, value_a, value_b, depth + 1);
         if !matches!(same, Ok(true)) {
             ffi::lua_settop(state, base);
             return same;
         }
+        ffi::lua_settop(state, key);
     }
     let mut count_b = 0usize;
     ffi::lua_pushnil(state);
     while ffi::lua_next(state, b) != 0 {
         count_b += 1;
-        ffi::lua_settop(state, -2);
+        ffi::lua_settop(state, key);
     }
     Ok(count_a == count_b)
 }
