@@ -4,6 +4,8 @@
 
 mod protocol;
 mod raw;
+mod state_manager;
+mod values;
 
 use mlua::{Lua, Table};
 
@@ -26,5 +28,6 @@ fn whisker_sync(lua: &Lua) -> mlua::Result<Table> {
     exports.set("version", env!("CARGO_PKG_VERSION"))?;
     exports.set("lua_flavour", LUA_FLAVOUR)?;
     exports.set("protocol", protocol::module(lua)?)?;
+    exports.set("state_manager", state_manager::module(lua)?)?;
     Ok(exports)
 }

@@ -3,6 +3,7 @@
 //! server both build on this crate.
 
 pub mod protocol;
+pub mod state;
 pub mod value;
 pub mod version_vector;
 pub mod wire;
