@@ -405,6 +405,7 @@ fn resolve_conflict(
                         Ok(Some(value?).filter(|v| !v.is_null()))
                     };
                     let merged = protocol::merge(
+                        None,
                         data_of(local_op, "local")?.as_ref(),
                         data_of(remote_op, "remote")?.as_ref(),
                         winner,

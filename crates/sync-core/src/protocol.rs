@@ -4,7 +4,7 @@
 //! outputs on every replica, which is what lets replicas converge.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -466,35 +466,52 @@ pub fn detect_conflicts<K: Hash + Eq + Copy>(
         .collect()
 }
 
-/// Field-by-field merge of two versions of a story.
+/// Field-by-field three-way merge of two versions of a story.
 ///
-/// Members present on one side only are kept; objects present on both sides are
-/// merged recursively; anything else that differs (scalars, arrays, a type
-/// change) takes the value of `winner`, the last-write-wins side. The result is
-/// the same whichever replica computes it. When one side deleted the story the
-/// surviving edit is kept: auto-merge never discards an edit.
-pub fn merge(local: Option<&Value>, remote: Option<&Value>, winner: Side) -> Option<Value> {
+/// `base` is the version both sides started from, when known. A member changed
+/// on one side only takes that side's value (so edits to different fields all
+/// survive, and a member one side removed stays removed); objects changed on
+/// both sides merge recursively; anything else changed on both sides (scalars,
+/// arrays, a change of type) takes the value of `winner`, the last-write-wins
+/// side. Without a base every difference counts as changed on both sides,
+/// which keeps members present on one side only. The result is the same on
+/// every replica. A story deleted on one side and edited on the other keeps
+/// the edit: auto-merge never discards an edit.
+pub fn merge(
+    base: Option<&Value>,
+    local: Option<&Value>,
+    remote: Option<&Value>,
+    winner: Side,
+) -> Option<Value> {
     match (local, remote) {
-        (Some(l), Some(r)) => Some(merge_values(l, r, winner)),
+        (Some(l), Some(r)) => Some(merge_values(base, l, r, winner)),
+        // A deletion merged with an unchanged version is a deletion.
+        (None, Some(v)) | (Some(v), None) if base == Some(v) => None,
         (Some(v), None) | (None, Some(v)) => Some(v.clone()),
         (None, None) => None,
     }
 }
 
-fn merge_values(local: &Value, remote: &Value, winner: Side) -> Value {
+fn merge_values(base: Option<&Value>, local: &Value, remote: &Value, winner: Side) -> Value {
+    if local == remote {
+        return local.clone();
+    }
+    if base == Some(local) {
+        return remote.clone();
+    }
+    if base == Some(remote) {
+        return local.clone();
+    }
     match (local, remote) {
         (Value::Object(l), Value::Object(r)) => {
-            let mut merged = l.clone();
-            for (key, rv) in r {
-                let value = match l.get(key) {
-                    Some(lv) => merge_values(lv, rv, winner),
-                    None => rv.clone(),
-                };
-                merged.insert(key.clone(), value);
-            }
-            Value::Object(merged)
+            let base = base.and_then(Value::as_object);
+            let keys: BTreeSet<&String> = l.keys().chain(r.keys()).collect();
+            let merged = keys.into_iter().filter_map(|key| {
+                let b = base.and_then(|b| b.get(key));
+                merge(b, l.get(key), r.get(key), winner).map(|v| (key.clone(), v))
+            });
+            Value::Object(merged.collect())
         }
-        _ if local == remote => local.clone(),
         _ => match winner {
             Side::Local => local.clone(),
             Side::Remote => remote.clone(),
@@ -730,7 +747,7 @@ mod tests {
     fn merge_keeps_fields_from_both_sides() {
         let l: Value = serde_json::from_str(r#"{"title":"L","author":"A","n":{"x":1}}"#).unwrap();
         let r: Value = serde_json::from_str(r#"{"title":"R","desc":"D","n":{"y":2}}"#).unwrap();
-        let merged = merge(Some(&l), Some(&r), Side::Remote).unwrap();
+        let merged = merge(None, Some(&l), Some(&r), Side::Remote).unwrap();
         let expected: Value =
             serde_json::from_str(r#"{"title":"R","author":"A","desc":"D","n":{"x":1,"y":2}}"#)
                 .unwrap();
@@ -739,9 +756,43 @@ mod tests {
 
     #[test]
     fn merge_keeps_an_edit_over_a_delete() {
-        let l = story("kept");
-        assert_eq!(merge(Some(&l), None, Side::Remote), Some(l.clone()));
-        assert_eq!(merge(None, Some(&l), Side::Local), Some(l));
+        let (base, edited) = (story("base"), story("kept"));
+        assert_eq!(
+            merge(Some(&base), Some(&edited), None, Side::Remote),
+            Some(edited.clone())
+        );
+        assert_eq!(merge(None, None, Some(&edited), Side::Local), Some(edited));
+        assert_eq!(merge(Some(&base), None, Some(&base), Side::Remote), None);
+    }
+
+    #[test]
+    fn three_way_merge_keeps_edits_to_different_fields() {
+        let json = |s: &str| serde_json::from_str::<Value>(s).unwrap();
+        let base = json(r#"{"title":"T","body":"B","tags":["a"],"gone":1}"#);
+        let local = json(r#"{"title":"T2","body":"B","tags":["a"]}"#);
+        let remote = json(r#"{"title":"T","body":"B2","tags":["a","b"],"gone":1}"#);
+        for winner in [Side::Local, Side::Remote] {
+            let merged = merge(Some(&base), Some(&local), Some(&remote), winner);
+            assert_eq!(
+                merged,
+                Some(json(r#"{"title":"T2","body":"B2","tags":["a","b"]}"#))
+            );
+        }
+    }
+
+    #[test]
+    fn three_way_merge_settles_same_field_edits_by_the_winner() {
+        let json = |s: &str| serde_json::from_str::<Value>(s).unwrap();
+        let base = json(r#"{"title":"T"}"#);
+        let (local, remote) = (json(r#"{"title":"L"}"#), json(r#"{"title":"R"}"#));
+        assert_eq!(
+            merge(Some(&base), Some(&local), Some(&remote), Side::Local),
+            Some(local.clone())
+        );
+        assert_eq!(
+            merge(Some(&base), Some(&local), Some(&remote), Side::Remote),
+            Some(remote)
+        );
     }
 
     #[test]
