@@ -4,6 +4,7 @@
 
 pub mod protocol;
 pub mod state;
+pub mod transport;
 pub mod value;
 pub mod version_vector;
 pub mod wire;

@@ -1,0 +1,534 @@
+//! HTTP client for the sync server (`GET /operations`, `POST /operations`,
+//! `GET /version`), on reqwest with rustls.
+//!
+//! [`HttpClient::send`] is one request with the retry policy: connect errors,
+//! timeouts, 5xx and 429 are retried up to `max_retries` times with exponential
+//! backoff and jitter (`retry_delay · 2ⁿ`, scaled by a random factor in
+//! [0.5, 1)), honouring a `Retry-After` of whole seconds; other statuses are
+//! returned at once. The timeout covers each whole attempt, connection to last
+//! body byte. Bodies are read up to a size limit; gzip is accepted and decoded.
+//! [`HttpTransport`] adds the sync calls with typed answers.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, RETRY_AFTER};
+use thiserror::Error;
+
+use super::{format_seconds, random_fraction, tls, Traffic, TrafficCounter};
+use crate::protocol::Operation;
+use crate::value::Value;
+use crate::wire::{FetchResponse, PushRequest, PushResponse, VersionResponse};
+
+/// Default largest response body accepted, in bytes.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+/// Longest `Retry-After` honoured; longer waits are cut to this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Why an HTTP exchange failed. Messages name the cause and the URL.
+#[derive(Debug, Error)]
+pub enum HttpError {
+    #[error("connection refused to {url}")]
+    Refused { url: String },
+    #[error("cannot connect to {url}: {detail}")]
+    Connect { url: String, detail: String },
+    #[error("timed out after {} waiting for {url}", format_seconds(*.after))]
+    Timeout { url: String, after: Duration },
+    #[error("request to {url} failed: {detail}")]
+    Request { url: String, detail: String },
+    #[error("response from {url} is larger than the {limit}-byte limit")]
+    TooLarge { url: String, limit: usize },
+    #[error("server returned HTTP {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("Empty response body")]
+    EmptyBody,
+    #[error("invalid JSON from server: {0}")]
+    InvalidJson(String),
+    #[error("Invalid response: {0}")]
+    InvalidResponse(String),
+    #[error("cannot encode request: {0}")]
+    Encode(String),
+    #[error("invalid URL {url}: {detail}")]
+    InvalidUrl { url: String, detail: String },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("{source} (gave up after {attempts} attempts)")]
+    GaveUp {
+        attempts: u32,
+        #[source]
+        source: Box<HttpError>,
+    },
+}
+
+impl HttpError {
+    /// Failures worth another attempt: the server may answer next time.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            HttpError::Refused { .. }
+                | HttpError::Connect { .. }
+                | HttpError::Timeout { .. }
+                | HttpError::Request { .. }
+        )
+    }
+
+    /// The HTTP status, when the server answered with an error status.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            HttpError::Status { status, .. } => Some(*status),
+            HttpError::GaveUp { source, .. } => source.status(),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+}
+
+/// One request and its retry policy.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: Method,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    /// Per attempt, connection to last body byte.
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub retry_delay: Duration,
+    pub max_response_bytes: usize,
+}
+
+/// A response as received (any status).
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Attempts made, 1 when the first one was answered.
+    pub attempts: u32,
+}
+
+/// A connection pool with TLS set up; cheap to clone.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: reqwest::Client,
+    traffic: Arc<TrafficCounter>,
+}
+
+/// The detail of a reqwest error: its innermost cause.
+fn detail(error: &reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+fn refused(error: &reqwest::Error) -> bool {
+    let mut cause: Option<&dyn std::error::Error> = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// The message of an error response: its JSON `error` field, else its text.
+pub fn error_message(status: u16, body: &[u8]) -> String {
+    if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
+        if let Some(Value::Str(message)) = map.get("error") {
+            return message.clone();
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if !text.is_empty() && text.len() <= 200 {
+        return text.to_owned();
+    }
+    reqwest::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("error")
+        .to_owned()
+}
+
+fn retry_after(headers: &[(String, String)]) -> Option<Duration> {
+    let (_, value) = headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(RETRY_AFTER.as_str()))?;
+    let secs: u64 = value.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
+/// Backoff before retry number `retry` (1-based): `base · 2^(retry-1)` scaled
+/// by a random factor in [0.5, 1).
+pub fn backoff(base: Duration, retry: u32) -> Duration {
+    let exponential = base.saturating_mul(1u32 << (retry - 1).min(16));
+    exponential.mul_f64(0.5 + random_fraction() / 2.0)
+}
+
+impl HttpClient {
+    /// A client trusting the system roots and, when given, the certificates in `ca_file`.
+    pub fn new(ca_file: Option<&std::path::Path>) -> Result<Self, HttpError> {
+        let tls = tls::client_config(ca_file)?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            .gzip(true)
+            .build()
+            .map_err(|e| HttpError::Tls(tls::TlsError::Setup(detail(&e))))?;
+        Ok(HttpClient {
+            client,
+            traffic: Arc::default(),
+        })
+    }
+
+    /// Payload bytes sent and received so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic.get()
+    }
+
+    /// Sends `request`, retrying as the module docs describe. An answer with
+    /// an error status is a response, not an error (after any retries).
+    pub async fn send(&self, request: &Request) -> Result<Response, HttpError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = self.attempt(request).await;
+            let retry = match &outcome {
+                Ok(response) => response.status >= 500 || response.status == 429,
+                Err(e) => e.is_transient(),
+            };
+            if !retry || attempt > request.max_retries {
+                return match outcome {
+                    Ok(mut response) => {
+                        response.attempts = attempt;
+                        Ok(response)
+                    }
+                    Err(e) if attempt > 1 => Err(HttpError::GaveUp {
+                        attempts: attempt,
+                        source: Box::new(e),
+                    }),
+                    Err(e) => Err(e),
+                };
+            }
+            let wait = match &outcome {
+                Ok(response) => retry_after(&response.headers),
+                Err(_) => None,
+            }
+            .unwrap_or_else(|| backoff(request.retry_delay, attempt));
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn attempt(&self, request: &Request) -> Result<Response, HttpError> {
+        let url = request.url.as_str();
+        let mut headers = HeaderMap::new();
+        for (name, value) in &request.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| HttpError::Encode(format!("header name {name:?}: {e}")))?;
+            if name == CONTENT_LENGTH {
+                continue; // set from the body
+            }
+            let value = HeaderValue::from_str(value)
+                .map_err(|e| HttpError::Encode(format!("header {name}: {e}")))?;
+            headers.insert(name, value);
+        }
+        let method = match request.method {
+            Method::Get => reqwest::Method::GET,
+            Method::Post => reqwest::Method::POST,
+        };
+        let mut builder = self
+            .client
+            .request(method, url)
+            .headers(headers)
+            .timeout(request.timeout);
+        let sent = request.body.as_ref().map_or(0, Vec::len);
+        if let Some(body) = &request.body {
+            builder = builder.body(body.clone());
+        }
+        let network = |e: reqwest::Error| {
+            if e.is_timeout() {
+                HttpError::Timeout {
+                    url: url.to_owned(),
+                    after: request.timeout,
+                }
+            } else if e.is_builder() {
+                HttpError::InvalidUrl {
+                    url: url.to_owned(),
+                    detail: detail(&e),
+                }
+            } else if refused(&e) {
+                HttpError::Refused {
+                    url: url.to_owned(),
+                }
+            } else if e.is_connect() {
+                HttpError::Connect {
+                    url: url.to_owned(),
+                    detail: detail(&e),
+                }
+            } else {
+                HttpError::Request {
+                    url: url.to_owned(),
+                    detail: detail(&e),
+                }
+            }
+        };
+        let mut response = builder.send().await.map_err(network)?;
+        let too_large = || HttpError::TooLarge {
+            url: url.to_owned(),
+            limit: request.max_response_bytes,
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > request.max_response_bytes as u64)
+        {
+            return Err(too_large());
+        }
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(network)? {
+            if body.len() + chunk.len() > request.max_response_bytes {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        self.traffic.add(sent, body.len());
+        Ok(Response {
+            status,
+            headers,
+            body,
+            attempts: 1,
+        })
+    }
+}
+
+/// Settings of an [`HttpTransport`]; [`HttpConfig::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Server URL the paths are appended to, e.g. `https://sync.example.com/api`.
+    pub base_url: String,
+    pub api_key: String,
+    /// Per attempt (default 30 s).
+    pub timeout: Duration,
+    /// Retries after the first attempt (default 3).
+    pub max_retries: u32,
+    /// First backoff delay (default 1 s).
+    pub retry_delay: Duration,
+    pub user_agent: String,
+    /// Extra trusted certificates (PEM).
+    pub ca_file: Option<PathBuf>,
+    pub max_response_bytes: usize,
+}
+
+impl HttpConfig {
+    pub fn new(base_url: impl Into<String>, api_key: impl Into<String>) -> Self {
+        HttpConfig {
+            base_url: base_url.into(),
+            api_key: api_key.into(),
+            timeout: Duration::from_secs(30),
+            max_retries: 3,
+            retry_delay: Duration::from_secs(1),
+            user_agent: "Whisker-Sync/1.0".to_owned(),
+            ca_file: None,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
+}
+
+/// Percent-encodes a query value the way the old Lua transport did (space as `+`).
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for byte in s.replace('\n', "\r\n").bytes() {
+        match byte {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(byte as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// The sync calls over HTTP, with typed answers.
+#[derive(Clone)]
+pub struct HttpTransport {
+    config: HttpConfig,
+    client: HttpClient,
+}
+
+impl HttpTransport {
+    pub fn new(config: HttpConfig) -> Result<Self, HttpError> {
+        let client = HttpClient::new(config.ca_file.as_deref())?;
+        Ok(HttpTransport { config, client })
+    }
+
+    pub fn config(&self) -> &HttpConfig {
+        &self.config
+    }
+
+    /// Payload bytes sent and received so far.
+    pub fn traffic(&self) -> Traffic {
+        self.client.traffic()
+    }
+
+    fn request(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Request {
+        let config = &self.config;
+        let mut headers = vec![
+            ("User-Agent".to_owned(), config.user_agent.clone()),
+            (
+                "Authorization".to_owned(),
+                format!("Bearer {}", config.api_key),
+            ),
+            ("Accept".to_owned(), "application/json".to_owned()),
+        ];
+        if body.is_some() {
+            headers.push(("Content-Type".to_owned(), "application/json".to_owned()));
+        }
+        Request {
+            method,
+            url: format!("{}{path}", config.base_url),
+            headers,
+            body,
+            timeout: config.timeout,
+            max_retries: config.max_retries,
+            retry_delay: config.retry_delay,
+            max_response_bytes: config.max_response_bytes,
+        }
+    }
+
+    /// Sends and decodes a JSON answer; statuses other than `ok` are errors.
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        request: Request,
+        ok: &[u16],
+    ) -> Result<T, HttpError> {
+        let response = self.client.send(&request).await?;
+        let retried = response.attempts;
+        if !ok.contains(&response.status) {
+            let error = HttpError::Status {
+                status: response.status,
+                message: error_message(response.status, &response.body),
+            };
+            return Err(if retried > 1 {
+                HttpError::GaveUp {
+                    attempts: retried,
+                    source: Box::new(error),
+                }
+            } else {
+                error
+            });
+        }
+        decode(&response.body)
+    }
+
+    /// One page of operations after `since` (all of them when `limit` is `None`).
+    pub async fn fetch_operations(
+        &self,
+        device_id: &str,
+        since: u64,
+        limit: Option<u64>,
+    ) -> Result<FetchResponse, HttpError> {
+        let mut path = format!("/operations?device={}&since={since}", url_encode(device_id));
+        if let Some(limit) = limit {
+            path.push_str(&format!("&limit={limit}"));
+        }
+        self.call(self.request(Method::Get, &path, None), &[200])
+            .await
+    }
+
+    /// Pushes operations; conflicts are in the answer, not errors.
+    pub async fn push_operations(
+        &self,
+        device_id: &str,
+        operations: &[Operation],
+    ) -> Result<PushResponse, HttpError> {
+        let body = serde_json::to_vec(&PushRequest {
+            device_id: device_id.to_owned(),
+            operations: operations.to_vec(),
+        })
+        .map_err(|e| HttpError::Encode(e.to_string()))?;
+        self.call(
+            self.request(Method::Post, "/operations", Some(body)),
+            &[200, 201],
+        )
+        .await
+    }
+
+    /// The server's current sequence number.
+    pub async fn server_version(&self, device_id: &str) -> Result<u64, HttpError> {
+        let path = format!("/version?device={}", url_encode(device_id));
+        let answer: VersionResponse = self
+            .call(self.request(Method::Get, &path, None), &[200])
+            .await?;
+        Ok(answer.version)
+    }
+}
+
+/// Decodes a JSON body.
+pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(HttpError::EmptyBody);
+    }
+    serde_json::from_slice(body).map_err(|e| HttpError::InvalidJson(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_encoding_matches_the_old_transport() {
+        assert_eq!(url_encode("device-123"), "device-123");
+        assert_eq!(url_encode("hello world"), "hello+world");
+        assert_eq!(url_encode("test@example.com"), "test%40example.com");
+        assert_eq!(url_encode("a\nb"), "a%0D%0Ab");
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter() {
+        let base = Duration::from_millis(100);
+        for retry in 1..=4 {
+            let d = backoff(base, retry);
+            let full = base * (1 << (retry - 1));
+            assert!(d >= full / 2 && d < full, "{retry}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn error_messages_prefer_the_json_error_field() {
+        assert_eq!(
+            error_message(401, br#"{"error":"invalid API key"}"#),
+            "invalid API key"
+        );
+        assert_eq!(error_message(502, b"bad gateway"), "bad gateway");
+        assert_eq!(error_message(503, b""), "Service Unavailable");
+    }
+
+    #[test]
+    fn retry_after_is_capped() {
+        let h = |v: &str| vec![("retry-after".to_owned(), v.to_owned())];
+        assert_eq!(retry_after(&h("2")), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(&h("3600")), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after(&h("soon")), None);
+    }
+}
