@@ -8,6 +8,7 @@ mod raw;
 mod runtime;
 mod state_manager;
 mod values;
+mod websocket;
 
 use mlua::{Lua, Table};
 
@@ -33,5 +34,6 @@ fn whisker_sync(lua: &Lua) -> mlua::Result<Table> {
     exports.set("state_manager", state_manager::module(lua)?)?;
     exports.set("http", http::module(lua)?)?;
     exports.set("json", http::json_module(lua)?)?;
+    exports.set("websocket", websocket::module(lua)?)?;
     Ok(exports)
 }

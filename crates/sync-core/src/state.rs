@@ -253,6 +253,65 @@ fn seconds(value: &Value) -> Option<i64> {
     }
 }
 
+impl<S> StateManager<S> {
+    /// Problems found in the stored state by [`StateManager::open`] (empty when it was sound).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// The main state (everything but the queue).
+    pub fn state(&self) -> &SyncState {
+        &self.state
+    }
+
+    pub fn device_id(&self) -> &str {
+        &self.state.device_id
+    }
+
+    pub fn server_version(&self) -> u64 {
+        self.state.server_version
+    }
+
+    pub fn baselines(&self) -> &BTreeMap<String, Baseline> {
+        &self.state.baselines
+    }
+
+    pub fn baseline(&self, story_id: &str) -> Option<&Baseline> {
+        self.state.baselines.get(story_id)
+    }
+
+    /// Unresolved conflicts, as recorded.
+    pub fn conflicts(&self) -> &[Value] {
+        &self.state.conflicts
+    }
+
+    /// Every queued value, oldest first.
+    pub fn pending_values(&self) -> impl Iterator<Item = &Value> {
+        self.slots.iter().flat_map(|s| s.operations.iter())
+    }
+
+    /// The queued values that are well-formed operations, oldest first
+    /// (tables queued through the old Lua API need not be).
+    pub fn pending_operations(&self) -> Vec<Operation> {
+        self.pending_values()
+            .filter_map(|v| serde_json::to_value(v).ok())
+            .filter_map(|json| serde_json::from_value(json).ok())
+            .collect()
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.slots.iter().map(|s| s.operations.len()).sum()
+    }
+}
+
 impl<S: StateStore> StateManager<S> {
     /// Loads the state from `store`, adopting an existing record (old format
     /// included: its `pending_operations` move into the queue) or creating one
@@ -326,11 +385,6 @@ impl<S: StateStore> StateManager<S> {
         Ok(manager)
     }
 
-    /// Problems found in the stored state by [`StateManager::open`] (empty when it was sound).
-    pub fn warnings(&self) -> &[String] {
-        &self.warnings
-    }
-
     /// Takes over a stored record; returns the old-format pending operations
     /// when the record has no queue of the current layout.
     fn adopt(&mut self, record: Map, warnings: &mut Vec<String>) -> Option<Vec<Value>> {
@@ -376,40 +430,6 @@ impl<S: StateStore> StateManager<S> {
             self.slots.push_back(Slot { index, operations });
             index += 1;
         }
-    }
-
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
-    pub fn store_mut(&mut self) -> &mut S {
-        &mut self.store
-    }
-
-    /// The main state (everything but the queue).
-    pub fn state(&self) -> &SyncState {
-        &self.state
-    }
-
-    pub fn device_id(&self) -> &str {
-        &self.state.device_id
-    }
-
-    pub fn server_version(&self) -> u64 {
-        self.state.server_version
-    }
-
-    pub fn baselines(&self) -> &BTreeMap<String, Baseline> {
-        &self.state.baselines
-    }
-
-    pub fn baseline(&self, story_id: &str) -> Option<&Baseline> {
-        self.state.baselines.get(story_id)
-    }
-
-    /// Unresolved conflicts, as recorded.
-    pub fn conflicts(&self) -> &[Value] {
-        &self.state.conflicts
     }
 
     /// The main record as stored.
@@ -592,24 +612,6 @@ impl<S: StateStore> StateManager<S> {
             .map(operation_value)
             .collect::<Result<Vec<_>, _>>()?;
         self.queue_values(values)
-    }
-
-    /// Every queued value, oldest first.
-    pub fn pending_values(&self) -> impl Iterator<Item = &Value> {
-        self.slots.iter().flat_map(|s| s.operations.iter())
-    }
-
-    /// The queued values that are well-formed operations, oldest first
-    /// (tables queued through the old Lua API need not be).
-    pub fn pending_operations(&self) -> Vec<Operation> {
-        self.pending_values()
-            .filter_map(|v| serde_json::to_value(v).ok())
-            .filter_map(|json| serde_json::from_value(json).ok())
-            .collect()
-    }
-
-    pub fn pending_count(&self) -> usize {
-        self.slots.iter().map(|s| s.operations.len()).sum()
     }
 
     /// Removes the queued values `remove` selects (it sees each value's

@@ -11,8 +11,8 @@
 //!   exponential backoff (`min(2^(n-1), max_reconnect_delay)` seconds) and
 //!   resumes: it fetches everything after the last version it delivered and
 //!   delivers it as [`WsEvent::RemoteChange`], so no change is missed;
-//! - queues [`WsEvent`]s (every server message, remote changes, connection
-//!   changes) for the owner to take with [`WsClient::try_event`] /
+//! - queues [`WsEvent`]s (remote changes, connection changes, unsolicited
+//!   server messages) for the owner to take with [`WsClient::try_event`] /
 //!   [`WsClient::next_event`]. Nothing is called back from the task.
 //!
 //! Call `connect` from inside a tokio runtime: the task is spawned on it.
@@ -117,7 +117,7 @@ pub enum WsEvent {
         attempt: u32,
         delay: Duration,
     },
-    /// Any message from the server, decoded.
+    /// A server message that is neither an answer to a request nor a remote change.
     Message(Value),
     /// An operation another device pushed (live, or caught up after a reconnect).
     RemoteChange(Value),
@@ -722,7 +722,6 @@ impl Task {
             }
             return Ok(());
         }
-        self.emit(WsEvent::Message(message.clone()));
         match kind {
             "remote_change" => {
                 if let Some(op) = message.get("operation") {
@@ -739,10 +738,14 @@ impl Task {
                         self.shared.delivered.fetch_max(top, Ordering::AcqRel);
                     }
                 }
-                self.shared.complete(&message);
+                if !self.shared.complete(&message) {
+                    self.emit(WsEvent::Message(message));
+                }
             }
             _ => {
-                self.shared.complete(&message);
+                if !self.shared.complete(&message) {
+                    self.emit(WsEvent::Message(message));
+                }
             }
         }
         Ok(())
