@@ -2,6 +2,7 @@
 //! plain Rust. Nothing here knows about Lua; the Lua module and the reference
 //! server both build on this crate.
 
+pub mod engine;
 pub mod protocol;
 pub mod state;
 pub mod transport;

@@ -1,0 +1,948 @@
+//! The sync engine: finds what changed locally since the last sync, queues it
+//! durably, pulls what changed remotely, settles conflicts by the chosen
+//! strategy, applies the winners to local storage and pushes the rest.
+//!
+//! The engine talks to its surroundings through small traits — [`Storage`]
+//! (the stories), [`Transport`] (the server) and [`Host`] (progress, conflict
+//! notices, the manual resolver) — and keeps its state in a
+//! [`StateManager`](crate::state::StateManager). It is synchronous: the Lua
+//! binding runs it on the Lua thread, which owns every callback it needs.
+//!
+//! # Rules (consistent with every old spec, see API_CONTRACT §2.7)
+//!
+//! 1. Operations from this device are never treated as remote changes.
+//! 2. A remote version equal to what this device last synced is an echo, and
+//!    one equal to the current local content only records the baseline.
+//! 3. A local story never synced here that differs from a remote one is a
+//!    conflict; its local time is the storage's `updated_at` when known, else 0.
+//! 4. Every other local change takes the time it was found (or `updated_at`);
+//!    last-write-wins orders by (timestamp, device id, operation id).
+//! 5. Only winners are applied; a winning remote delete deletes.
+
+mod bases;
+mod scan;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::protocol::{
+    self, last_write_wins, now_seconds, ConflictStrategy, ConflictType, OpType, Operation, Side,
+};
+use crate::state::{
+    self as state_mod, Baseline, ErrorUpdate, StateError, StateManager, StateStore, SyncRecord,
+};
+use crate::value::{Map, Value};
+use crate::wire::ServerConflict;
+
+pub use bases::BaseStore;
+pub use scan::validate_story_id;
+
+/// A failure reported by one of the engine's collaborators, already worded
+/// for the user ("storage save_story('x') failed: disk full").
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct HostError(pub String);
+
+/// Why a sync failed.
+#[derive(Debug, Error)]
+pub enum SyncError {
+    #[error("{0}")]
+    Host(#[from] HostError),
+    #[error("invalid operation from server: {0}")]
+    InvalidRemote(String),
+    #[error("server rejected the push without reporting conflicts")]
+    PushRejected,
+    #[error("sync state: {0}")]
+    State(#[from] StateError),
+    #[error("sync state: {0}")]
+    Bases(String),
+    #[error("push still conflicted after {0} rounds; will retry on the next sync")]
+    Unsettled(usize),
+}
+
+/// A story as the storage lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoryEntry {
+    pub id: String,
+    /// Unix seconds of the last local save, when the storage records it.
+    pub updated_at: Option<i64>,
+}
+
+/// The stories on this device.
+pub trait Storage {
+    fn list(&mut self) -> Result<Vec<StoryEntry>, HostError>;
+    fn load(&mut self, id: &str) -> Result<Option<Value>, HostError>;
+    fn save(&mut self, id: &str, story: &Value) -> Result<(), HostError>;
+    fn delete(&mut self, id: &str) -> Result<(), HostError>;
+    /// Sets a story's metadata through a dedicated call; `Ok(false)` when the
+    /// storage has none (the engine then saves the whole story).
+    fn update_metadata(&mut self, id: &str, metadata: &Value) -> Result<bool, HostError>;
+}
+
+/// One page of remote operations.
+#[derive(Debug, Clone, Default)]
+pub struct FetchPage {
+    /// The operations as received; the engine validates them.
+    pub operations: Vec<Value>,
+    pub version: u64,
+    pub has_more: bool,
+    pub bytes_received: u64,
+}
+
+/// The server's answer to a push.
+#[derive(Debug, Clone, Default)]
+pub struct PushReply {
+    pub success: bool,
+    pub conflicts: Vec<ServerConflict>,
+    /// `(operation id, server version)` of each stored operation, when known.
+    pub accepted: Vec<(String, u64)>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// The server.
+pub trait Transport {
+    fn fetch(&mut self, device_id: &str, since: u64) -> Result<FetchPage, HostError>;
+    fn push(&mut self, device_id: &str, operations: &[Operation]) -> Result<PushReply, HostError>;
+}
+
+/// Phases of a sync, reported through [`Host::progress`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Starting,
+    CollectingLocal,
+    FetchingRemote,
+    DetectingConflicts,
+    ResolvingConflicts,
+    ApplyingRemote,
+    PushingLocal,
+    UpdatingState,
+    Complete,
+}
+
+impl Step {
+    /// Percent done when the phase starts.
+    pub fn percent(self) -> u32 {
+        match self {
+            Step::Starting => 0,
+            Step::CollectingLocal => 10,
+            Step::FetchingRemote => 30,
+            Step::DetectingConflicts => 50,
+            Step::ResolvingConflicts => 60,
+            Step::ApplyingRemote => 70,
+            Step::PushingLocal => 85,
+            Step::UpdatingState => 95,
+            Step::Complete => 100,
+        }
+    }
+
+    /// The `operation` name of `sync_progress` events.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Starting => "starting",
+            Step::CollectingLocal => "collecting_local",
+            Step::FetchingRemote => "fetching_remote",
+            Step::DetectingConflicts => "detecting_conflicts",
+            Step::ResolvingConflicts => "resolving_conflicts",
+            Step::ApplyingRemote => "applying_remote",
+            Step::PushingLocal => "pushing_local",
+            Step::UpdatingState => "updating_state",
+            Step::Complete => "complete",
+        }
+    }
+}
+
+/// Progress within a phase: `done` of `total` items (0 of 0 when not counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub step: Step,
+    pub done: usize,
+    pub total: usize,
+}
+
+/// A story changed on both sides since they last agreed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    pub story_id: String,
+    pub conflict_type: ConflictType,
+    /// The local change (latest queued operation; `data` is the local story).
+    pub local: Operation,
+    /// The remote change.
+    pub remote: Operation,
+    /// The story as both sides last had it, when known.
+    pub base: Option<Value>,
+}
+
+/// What a manual resolver decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    KeepLocal,
+    TakeRemote,
+    KeepBoth,
+    /// The story's new content (`None` deletes it).
+    Use(Option<Value>),
+}
+
+/// How a conflict was settled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    KeptLocal,
+    TookRemote,
+    Merged(Option<Value>),
+    /// The local version was kept as a new story with this id.
+    KeptBoth {
+        copy_id: String,
+    },
+    /// Left for the user (manual strategy without a resolver).
+    Unresolved,
+}
+
+/// The engine's view of the program using it.
+pub trait Host {
+    fn progress(&mut self, progress: Progress);
+    /// Manual strategy: the user's decision, or `None` to leave it unresolved.
+    fn resolve(&mut self, conflict: &Conflict) -> Result<Option<Decision>, HostError>;
+    /// Called once per conflict, after it was settled.
+    fn conflict_settled(&mut self, conflict: &Conflict, outcome: &Outcome, automatic: bool);
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Remote changes applied to local storage.
+    pub applied: usize,
+    /// Conflicts settled (including those left for the user).
+    pub conflicts: usize,
+    /// Operations the server accepted.
+    pub pushed: usize,
+    /// Whether the server was reached (false without a transport).
+    pub exchanged: bool,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub device_id: String,
+    pub strategy: ConflictStrategy,
+    /// Whether storage events reach [`Engine::mark_dirty`]; then syncs after
+    /// the first load only the stories that changed.
+    pub tracks_events: bool,
+}
+
+/// Upper bound on fetch pages in one sync (a misbehaving server that always
+/// answers `has_more` cannot keep the engine looping).
+const MAX_FETCH_PAGES: usize = 100_000;
+/// Push rounds in one sync: a push conflicted by a concurrent change is
+/// resolved against it and pushed again.
+const MAX_PUSH_ROUNDS: usize = 4;
+/// Every so many syncs the engine rereads every story even when it tracks
+/// events, in case one changed without an event.
+const FULL_SCAN_EVERY: u64 = 20;
+
+/// A sync engine for one device.
+pub struct Engine {
+    config: EngineConfig,
+    dirty: BTreeSet<String>,
+    full_scan_due: bool,
+    syncs: u64,
+}
+
+/// Content hash of a story (or of its absence), over canonical JSON.
+pub fn content_hash(story: Option<&Value>) -> String {
+    let mut hasher = Sha256::new();
+    match story {
+        Some(value) => {
+            let text = value
+                .to_canonical_json()
+                .unwrap_or_else(|_| format!("{value:?}"));
+            hasher.update(text.as_bytes());
+        }
+        None => hasher.update(b"\0deleted"),
+    }
+    let digest = hasher.finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether a story id is reserved for sync bookkeeping (never synced).
+pub fn is_reserved(id: &str) -> bool {
+    id.starts_with('_')
+}
+
+/// The content a remote operation leaves the story with, given the story's
+/// current content (metadata updates change only the `metadata` member).
+fn effective_content(op: &Operation, current: Option<&Value>) -> Option<Option<Value>> {
+    match op.op_type {
+        OpType::Create | OpType::Update => Some(op.data.clone()),
+        OpType::Delete => Some(None),
+        OpType::MetadataUpdate => {
+            let Some(Value::Object(story)) = current else {
+                return None;
+            };
+            let mut story = story.clone();
+            match &op.data {
+                Some(metadata) => story.insert("metadata".into(), metadata.clone()),
+                None => story.remove("metadata"),
+            };
+            Some(Some(Value::Object(story)))
+        }
+    }
+}
+
+/// Mutable view of the state during one sync; written with one `record_sync`.
+struct Round {
+    baselines: BTreeMap<String, Option<Baseline>>,
+    /// Pending operations by story, oldest first (the engine's working copy).
+    pending: BTreeMap<String, Vec<Operation>>,
+    acknowledged: Vec<String>,
+    /// Stories whose conflict waits for the user.
+    held: BTreeMap<String, Value>,
+    conflicts_changed: bool,
+    server_version: u64,
+    report: SyncReport,
+}
+
+impl Round {
+    fn baseline<'a, S>(&'a self, state: &'a StateManager<S>, id: &str) -> Option<&'a Baseline> {
+        match self.baselines.get(id) {
+            Some(b) => b.as_ref(),
+            None => state.baseline(id),
+        }
+    }
+
+    fn set_baseline(&mut self, id: &str, baseline: Option<Baseline>) {
+        self.baselines.insert(id.to_owned(), baseline);
+    }
+
+    /// Drops every queued operation of a story (they are settled).
+    fn settle_pending(&mut self, id: &str) {
+        if let Some(ops) = self.pending.remove(id) {
+            self.acknowledged.extend(ops.into_iter().map(|op| op.id));
+        }
+    }
+
+    fn latest_pending(&self, id: &str) -> Option<&Operation> {
+        self.pending.get(id).and_then(|ops| ops.last())
+    }
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Self {
+        Engine {
+            config,
+            dirty: BTreeSet::new(),
+            full_scan_due: true,
+            syncs: 0,
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn set_strategy(&mut self, strategy: ConflictStrategy) {
+        self.config.strategy = strategy;
+    }
+
+    /// Notes that a story changed (from a storage event).
+    pub fn mark_dirty(&mut self, id: &str) {
+        self.dirty.insert(id.to_owned());
+    }
+
+    /// Notes that stories may have changed without per-story events.
+    pub fn mark_all_dirty(&mut self) {
+        self.full_scan_due = true;
+    }
+
+    /// Runs one sync. Without a transport the local changes are still found and
+    /// queued, and nothing else happens.
+    pub fn sync<S: StateStore>(
+        &mut self,
+        storage: &mut dyn Storage,
+        transport: Option<&mut dyn Transport>,
+        state: &mut StateManager<S>,
+        host: &mut dyn Host,
+    ) -> Result<SyncReport, SyncError> {
+        let started = Instant::now();
+        self.syncs += 1;
+        host.progress(Progress {
+            step: Step::Starting,
+            done: 0,
+            total: 0,
+        });
+        let mut bases = BaseStore::default();
+        let full =
+            self.full_scan_due || !self.config.tracks_events || self.syncs % FULL_SCAN_EVERY == 0;
+        let dirty = std::mem::take(&mut self.dirty);
+        let scanned = scan::collect(
+            &self.config,
+            storage,
+            state,
+            &mut bases,
+            scan::Scope {
+                full,
+                dirty: &dirty,
+            },
+            host,
+        );
+        let scanned = match scanned {
+            Ok(scanned) => scanned,
+            Err(e) => {
+                self.dirty.extend(dirty);
+                return Err(e);
+            }
+        };
+        self.full_scan_due = false;
+        state.enqueue(&scanned.new_ops)?;
+
+        let Some(transport) = transport else {
+            host.progress(Progress {
+                step: Step::Complete,
+                done: 0,
+                total: 0,
+            });
+            return Ok(SyncReport {
+                duration_ms: started.elapsed().as_millis() as u64,
+                ..SyncReport::default()
+            });
+        };
+
+        let mut round = Round {
+            baselines: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            acknowledged: Vec::new(),
+            held: BTreeMap::new(),
+            conflicts_changed: false,
+            server_version: state.server_version(),
+            report: SyncReport {
+                exchanged: true,
+                ..SyncReport::default()
+            },
+        };
+        for op in state.pending_operations() {
+            round
+                .pending
+                .entry(op.story_id.clone())
+                .or_default()
+                .push(op);
+        }
+        for conflict in state.conflicts() {
+            if let Some(id) = conflict.get("story_id").and_then(Value::as_str) {
+                round.held.insert(id.to_owned(), conflict.clone());
+            }
+        }
+        let mut local = scanned.current;
+        let mut settled = false;
+        let mut unresolved_push: Vec<ServerConflict> = Vec::new();
+        for _ in 0..MAX_PUSH_ROUNDS {
+            let remote = self.fetch_all(transport, &mut round, host)?;
+            self.reconcile(
+                remote, storage, state, &mut bases, &mut local, &mut round, host,
+            )?;
+            for conflict in unresolved_push.drain(..) {
+                // The server's newer version of the story is our own (fetches
+                // leave out this device's operations): rebase onto it.
+                if let Some(version) = conflict.server_version {
+                    if let Some(b) = round.baseline(state, &conflict.id).cloned() {
+                        round.set_baseline(&conflict.id, Some(Baseline { version, ..b }));
+                    }
+                }
+            }
+            let new_ops = self.queue_rewritten(&round, state)?;
+            state.enqueue(&new_ops)?;
+            unresolved_push = self.push(transport, state, &mut bases, &local, &mut round, host)?;
+            if unresolved_push.is_empty() {
+                settled = true;
+                break;
+            }
+        }
+        host.progress(Progress {
+            step: Step::UpdatingState,
+            done: 0,
+            total: 0,
+        });
+        bases.save(state)?;
+        round.report.duration_ms = started.elapsed().as_millis() as u64;
+        let report = round.report.clone();
+        state.record_sync(SyncRecord {
+            server_version: Some(round.server_version),
+            baselines: round.baselines.into_iter().collect(),
+            acknowledged: round.acknowledged,
+            completed: settled,
+            duration_ms: report.duration_ms,
+            bytes_sent: report.bytes_sent,
+            bytes_received: report.bytes_received,
+            conflicts_resolved: report.conflicts as u64,
+            status: Some(state_mod::status::IDLE.to_owned()),
+            error: if settled {
+                ErrorUpdate::Clear
+            } else {
+                ErrorUpdate::Keep
+            },
+            last_sync_time: settled.then(now_seconds),
+            conflicts: round
+                .conflicts_changed
+                .then(|| round.held.into_values().collect()),
+        })?;
+        if !settled {
+            return Err(SyncError::Unsettled(MAX_PUSH_ROUNDS));
+        }
+        host.progress(Progress {
+            step: Step::Complete,
+            done: 0,
+            total: 0,
+        });
+        Ok(report)
+    }
+
+    /// Fetches every page after the last version seen; validates and returns
+    /// the operations of other devices, in server order.
+    fn fetch_all(
+        &self,
+        transport: &mut dyn Transport,
+        round: &mut Round,
+        host: &mut dyn Host,
+    ) -> Result<Vec<Operation>, SyncError> {
+        host.progress(Progress {
+            step: Step::FetchingRemote,
+            done: 0,
+            total: 0,
+        });
+        let mut operations = Vec::new();
+        let mut since = round.server_version;
+        for _ in 0..MAX_FETCH_PAGES {
+            let page = transport.fetch(&self.config.device_id, since)?;
+            round.report.bytes_received += page.bytes_received;
+            for (i, value) in page.operations.iter().enumerate() {
+                let op = scan::parse_remote(value)
+                    .map_err(|e| SyncError::InvalidRemote(format!("operation {}: {e}", i + 1)))?;
+                if op.device_id != self.config.device_id {
+                    operations.push(op);
+                } else if let Some(version) = op.version {
+                    // Our own operation, stored: an acknowledgement.
+                    round.acknowledge_own(&op, version);
+                }
+            }
+            since = page.version;
+            host.progress(Progress {
+                step: Step::FetchingRemote,
+                done: operations.len(),
+                total: operations.len(),
+            });
+            if !page.has_more || page.operations.is_empty() {
+                break;
+            }
+        }
+        round.server_version = since;
+        Ok(operations)
+    }
+
+    /// Settles each remotely changed story against local changes and applies
+    /// the winners to storage.
+    #[allow(clippy::too_many_arguments)]
+    fn reconcile<S: StateStore>(
+        &mut self,
+        remote: Vec<Operation>,
+        storage: &mut dyn Storage,
+        state: &mut StateManager<S>,
+        bases: &mut BaseStore,
+        local: &mut BTreeMap<String, Option<Value>>,
+        round: &mut Round,
+        host: &mut dyn Host,
+    ) -> Result<(), SyncError> {
+        host.progress(Progress {
+            step: Step::DetectingConflicts,
+            done: 0,
+            total: remote.len(),
+        });
+        // The latest operation per story decides; earlier ones are superseded.
+        let mut latest: BTreeMap<String, Operation> = BTreeMap::new();
+        let mut order: Vec<String> = Vec::new();
+        for op in remote {
+            if !latest.contains_key(&op.story_id) {
+                order.push(op.story_id.clone());
+            }
+            latest.insert(op.story_id.clone(), op);
+        }
+        let total = order.len();
+        for (done, id) in order.into_iter().enumerate() {
+            let remote = latest.remove(&id).expect("collected above");
+            let current = match local.get(&id) {
+                Some(content) => content.clone(),
+                None => {
+                    let content = storage.load(&id)?;
+                    local.insert(id.clone(), content.clone());
+                    content
+                }
+            };
+            let Some(incoming) = effective_content(&remote, current.as_ref()) else {
+                // Metadata for a story this device does not have: nothing to apply.
+                continue;
+            };
+            let version = remote.version.unwrap_or(round.server_version);
+            let incoming_hash = content_hash(incoming.as_ref());
+            let new_baseline = incoming.as_ref().map(|_| Baseline {
+                hash: incoming_hash.clone(),
+                version,
+            });
+            if let Some(conflict) = round.held.get_mut(&id) {
+                // Still waiting for the user: resolve against the newest remote.
+                if let (Value::Object(record), Ok(op)) =
+                    (conflict, state_mod::operation_value(&remote))
+                {
+                    record.insert("remote".into(), op);
+                    round.conflicts_changed = true;
+                }
+                continue;
+            }
+            let baseline = round.baseline(state, &id).cloned();
+            if baseline.as_ref().map(|b| &b.hash) == Some(&incoming_hash) {
+                round.set_baseline(&id, new_baseline);
+                continue;
+            }
+            if content_hash(current.as_ref()) == incoming_hash {
+                round.settle_pending(&id);
+                bases.set(&id, incoming.clone());
+                round.set_baseline(&id, new_baseline);
+                continue;
+            }
+            let Some(local_op) = round.latest_pending(&id).cloned() else {
+                self.apply(storage, &id, &remote, incoming.as_ref(), host, done, total)?;
+                local.insert(id.clone(), incoming.clone());
+                bases.set(&id, incoming);
+                round.set_baseline(&id, new_baseline);
+                round.report.applied += 1;
+                continue;
+            };
+            let base = match &baseline {
+                Some(b) => bases.get(state, &id, &b.hash)?,
+                None => None,
+            };
+            let conflict = Conflict {
+                story_id: id.clone(),
+                conflict_type: ConflictType::of(Some(local_op.op_type), Some(remote.op_type)),
+                local: Operation {
+                    data: current.clone(),
+                    ..local_op
+                },
+                remote: Operation {
+                    data: incoming.clone(),
+                    ..remote.clone()
+                },
+                base,
+            };
+            host.progress(Progress {
+                step: Step::ResolvingConflicts,
+                done,
+                total,
+            });
+            let (outcome, automatic) = self.decide(&conflict, host)?;
+            round.report.conflicts += 1;
+            match &outcome {
+                Outcome::KeptLocal => {
+                    bases.set(&id, incoming.clone());
+                    round.set_baseline(&id, new_baseline);
+                }
+                Outcome::TookRemote => {
+                    self.apply(storage, &id, &remote, incoming.as_ref(), host, done, total)?;
+                    local.insert(id.clone(), incoming.clone());
+                    round.settle_pending(&id);
+                    bases.set(&id, incoming.clone());
+                    round.set_baseline(&id, new_baseline);
+                    round.report.applied += 1;
+                }
+                Outcome::Merged(merged) => {
+                    if merged == &incoming {
+                        self.apply(storage, &id, &remote, incoming.as_ref(), host, done, total)?;
+                        round.settle_pending(&id);
+                    } else {
+                        write_story(storage, &id, merged.as_ref())?;
+                        round.settle_pending(&id);
+                        round.rewrite(&id, merged.clone(), OpType::Update);
+                    }
+                    local.insert(id.clone(), merged.clone());
+                    bases.set(&id, incoming.clone());
+                    round.set_baseline(&id, new_baseline);
+                    round.report.applied += 1;
+                }
+                Outcome::KeptBoth { copy_id } => {
+                    write_story(storage, copy_id, current.as_ref())?;
+                    round.rewrite(copy_id, current.clone(), OpType::Create);
+                    local.insert(copy_id.clone(), current.clone());
+                    self.apply(storage, &id, &remote, incoming.as_ref(), host, done, total)?;
+                    local.insert(id.clone(), incoming.clone());
+                    round.settle_pending(&id);
+                    bases.set(&id, incoming.clone());
+                    round.set_baseline(&id, new_baseline);
+                    round.report.applied += 1;
+                }
+                Outcome::Unresolved => {
+                    round.held.insert(id.clone(), unresolved_record(&conflict));
+                    round.conflicts_changed = true;
+                }
+            }
+            host.conflict_settled(&conflict, &outcome, automatic);
+        }
+        Ok(())
+    }
+
+    /// Settles one conflict by the configured strategy.
+    fn decide(
+        &self,
+        conflict: &Conflict,
+        host: &mut dyn Host,
+    ) -> Result<(Outcome, bool), SyncError> {
+        let winner = last_write_wins(&conflict.local.order_key(), &conflict.remote.order_key());
+        let (local, remote) = (conflict.local.data.as_ref(), conflict.remote.data.as_ref());
+        let outcome = match self.config.strategy {
+            ConflictStrategy::LastWriteWins => match winner {
+                Side::Local => Outcome::KeptLocal,
+                Side::Remote => Outcome::TookRemote,
+            },
+            ConflictStrategy::AutoMerge => Outcome::Merged(protocol::merge(
+                conflict.base.as_ref(),
+                local,
+                remote,
+                winner,
+            )),
+            ConflictStrategy::KeepBoth => match (local, remote) {
+                (Some(_), Some(_)) => {
+                    let (copy_id, _) = protocol::keep_both_ids(
+                        &conflict.story_id,
+                        &conflict.local.id,
+                        &conflict.remote.id,
+                    );
+                    Outcome::KeptBoth { copy_id }
+                }
+                // Only one side still has the story: keep that version.
+                (Some(_), None) => Outcome::KeptLocal,
+                (None, _) => Outcome::TookRemote,
+            },
+            ConflictStrategy::Manual => {
+                let decision = host.resolve(conflict)?;
+                let outcome = match decision {
+                    None => Outcome::Unresolved,
+                    Some(Decision::KeepLocal) => Outcome::KeptLocal,
+                    Some(Decision::TakeRemote) => Outcome::TookRemote,
+                    Some(Decision::KeepBoth) => {
+                        let (copy_id, _) = protocol::keep_both_ids(
+                            &conflict.story_id,
+                            &conflict.local.id,
+                            &conflict.remote.id,
+                        );
+                        Outcome::KeptBoth { copy_id }
+                    }
+                    Some(Decision::Use(content)) => Outcome::Merged(content),
+                };
+                return Ok((outcome, false));
+            }
+        };
+        Ok((outcome, true))
+    }
+
+    /// Applies a remote change to storage.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        storage: &mut dyn Storage,
+        id: &str,
+        remote: &Operation,
+        content: Option<&Value>,
+        host: &mut dyn Host,
+        done: usize,
+        total: usize,
+    ) -> Result<(), SyncError> {
+        host.progress(Progress {
+            step: Step::ApplyingRemote,
+            done,
+            total,
+        });
+        if remote.op_type == OpType::MetadataUpdate {
+            let metadata = remote.data.clone().unwrap_or_default();
+            if storage.update_metadata(id, &metadata)? {
+                return Ok(());
+            }
+        }
+        write_story(storage, id, content)
+    }
+
+    /// Operations queued during this sync's reconciliation (merges, copies).
+    fn queue_rewritten<S>(
+        &self,
+        round: &Round,
+        state: &StateManager<S>,
+    ) -> Result<Vec<Operation>, SyncError> {
+        let queued: BTreeSet<&str> = state
+            .pending_values()
+            .filter_map(|v| v.get("id")?.as_str())
+            .collect();
+        Ok(round
+            .pending
+            .values()
+            .flatten()
+            .filter(|op| !queued.contains(op.id.as_str()))
+            .cloned()
+            .collect())
+    }
+
+    /// Pushes the latest pending operation of each story (earlier ones are
+    /// superseded) with the story's current server version as its base.
+    /// Returns the conflicts the server reported.
+    fn push<S: StateStore>(
+        &self,
+        transport: &mut dyn Transport,
+        state: &StateManager<S>,
+        bases: &mut BaseStore,
+        local: &BTreeMap<String, Option<Value>>,
+        round: &mut Round,
+        host: &mut dyn Host,
+    ) -> Result<Vec<ServerConflict>, SyncError> {
+        let mut outgoing: Vec<Operation> = Vec::new();
+        let stories: Vec<String> = round.pending.keys().cloned().collect();
+        for id in stories {
+            if round.held.contains_key(&id) {
+                continue;
+            }
+            let baseline = round.baseline(state, &id).cloned();
+            let Some(latest) = round.latest_pending(&id).cloned() else {
+                continue;
+            };
+            if baseline.is_none() && latest.op_type == OpType::Delete {
+                // Created and deleted before the server ever saw it.
+                round.settle_pending(&id);
+                continue;
+            }
+            outgoing.push(Operation {
+                base_version: baseline.map(|b| b.version),
+                device_id: self.config.device_id.clone(),
+                ..latest
+            });
+        }
+        host.progress(Progress {
+            step: Step::PushingLocal,
+            done: 0,
+            total: outgoing.len(),
+        });
+        if outgoing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reply = transport.push(&self.config.device_id, &outgoing)?;
+        round.report.bytes_sent += reply.bytes_sent;
+        round.report.bytes_received += reply.bytes_received;
+        if !reply.success && reply.conflicts.is_empty() {
+            return Err(SyncError::PushRejected);
+        }
+        let conflicted: BTreeSet<&str> = reply.conflicts.iter().map(|c| c.id.as_str()).collect();
+        let accepted: BTreeMap<&str, u64> = reply
+            .accepted
+            .iter()
+            .map(|(id, v)| (id.as_str(), *v))
+            .collect();
+        for op in &outgoing {
+            if conflicted.contains(op.story_id.as_str()) {
+                continue;
+            }
+            // Without the operation's own version, use the last version
+            // fetched: possibly stale, which the server then reports and the
+            // next round rebases.
+            let version = accepted
+                .get(op.id.as_str())
+                .copied()
+                .unwrap_or(round.server_version);
+            let content = match op.op_type {
+                OpType::MetadataUpdate => local.get(&op.story_id).cloned().flatten(),
+                _ => op.data.clone(),
+            };
+            round.settle_pending(&op.story_id);
+            round.set_baseline(
+                &op.story_id,
+                (op.op_type != OpType::Delete).then(|| Baseline {
+                    hash: content_hash(content.as_ref()),
+                    version,
+                }),
+            );
+            bases.set(&op.story_id, content);
+            round.report.pushed += 1;
+        }
+        host.progress(Progress {
+            step: Step::PushingLocal,
+            done: outgoing.len(),
+            total: outgoing.len(),
+        });
+        Ok(reply.conflicts)
+    }
+}
+
+/// Saves a story's content, or deletes it when `None`.
+fn write_story(
+    storage: &mut dyn Storage,
+    id: &str,
+    content: Option<&Value>,
+) -> Result<(), SyncError> {
+    match content {
+        Some(story) => storage.save(id, story)?,
+        None => storage.delete(id)?,
+    }
+    Ok(())
+}
+
+/// How an unresolved conflict is kept in the state for later resolution.
+fn unresolved_record(conflict: &Conflict) -> Value {
+    let op = |op: &Operation| state_mod::operation_value(op).unwrap_or_default();
+    Value::Object(Map::from([
+        (
+            "story_id".to_owned(),
+            Value::from(conflict.story_id.as_str()),
+        ),
+        (
+            "conflict_type".to_owned(),
+            Value::from(conflict.conflict_type.as_str()),
+        ),
+        ("local".to_owned(), op(&conflict.local)),
+        ("remote".to_owned(), op(&conflict.remote)),
+        ("detected_at".to_owned(), Value::Int(now_seconds())),
+    ]))
+}
+
+impl Round {
+    /// Queues a new operation for a story whose content this sync decided.
+    fn rewrite(&mut self, id: &str, content: Option<Value>, kind: OpType) {
+        let op_type = if content.is_none() {
+            OpType::Delete
+        } else {
+            kind
+        };
+        let mut op = Operation::new(op_type, id, content);
+        op.device_id = String::new();
+        self.pending.entry(id.to_owned()).or_default().push(op);
+    }
+
+    /// An operation of ours the server reports having stored.
+    fn acknowledge_own(&mut self, op: &Operation, version: u64) {
+        let Some(ops) = self.pending.get_mut(&op.story_id) else {
+            return;
+        };
+        if let Some(at) = ops.iter().position(|p| p.id == op.id) {
+            let acked: Vec<Operation> = ops.drain(..=at).collect();
+            self.acknowledged.extend(acked.into_iter().map(|p| p.id));
+            if ops.is_empty() {
+                self.pending.remove(&op.story_id);
+                self.set_baseline(
+                    &op.story_id,
+                    Some(Baseline {
+                        hash: content_hash(op.data.as_ref()),
+                        version,
+                    }),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,627 @@
+//! Engine behaviour against in-memory doubles: a storage, a server with the
+//! reference server's rules (sequence numbers, idempotent pushes, stale-base
+//! conflicts, own operations left out of fetches), and a host that records
+//! events. The reference server itself is exercised by the integration tests.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use super::*;
+use crate::state::{StoreError, STATE_KEY};
+use crate::wire::ServerConflict;
+
+#[derive(Default)]
+struct MemoryStore(BTreeMap<String, Value>);
+
+impl StateStore for MemoryStore {
+    fn load(&mut self, key: &str) -> Result<Option<Value>, StoreError> {
+        Ok(self.0.get(key).cloned())
+    }
+    fn save(&mut self, key: &str, value: &Value) -> Result<(), StoreError> {
+        self.0.insert(key.to_owned(), value.clone());
+        Ok(())
+    }
+}
+
+#[derive(Default, Clone)]
+struct MemoryStorage {
+    stories: BTreeMap<String, Value>,
+    fail_saves: bool,
+}
+
+impl Storage for MemoryStorage {
+    fn list(&mut self) -> Result<Vec<StoryEntry>, HostError> {
+        Ok(self
+            .stories
+            .keys()
+            .map(|id| StoryEntry {
+                id: id.clone(),
+                updated_at: None,
+            })
+            .collect())
+    }
+    fn load(&mut self, id: &str) -> Result<Option<Value>, HostError> {
+        Ok(self.stories.get(id).cloned())
+    }
+    fn save(&mut self, id: &str, story: &Value) -> Result<(), HostError> {
+        if self.fail_saves {
+            return Err(HostError(format!("storage save('{id}') failed: disk full")));
+        }
+        self.stories.insert(id.to_owned(), story.clone());
+        Ok(())
+    }
+    fn delete(&mut self, id: &str) -> Result<(), HostError> {
+        self.stories.remove(id);
+        Ok(())
+    }
+    fn update_metadata(&mut self, _: &str, _: &Value) -> Result<bool, HostError> {
+        Ok(false)
+    }
+}
+
+/// The reference server's rules, in memory.
+#[derive(Default)]
+struct Server {
+    log: Vec<Operation>,
+    page_size: usize,
+    /// Store the next push but answer with an error (a lost response).
+    lose_next_answer: bool,
+    /// Operations the next fetch returns verbatim (to test validation).
+    inject: Vec<Value>,
+}
+
+impl Server {
+    fn latest_version(&self, story: &str) -> Option<u64> {
+        self.log
+            .iter()
+            .rev()
+            .find(|op| op.story_id == story)
+            .and_then(|op| op.version)
+    }
+}
+
+struct Link {
+    server: Rc<RefCell<Server>>,
+}
+
+impl Transport for Link {
+    fn fetch(&mut self, device: &str, since: u64) -> Result<FetchPage, HostError> {
+        let mut operations: Vec<Value> = std::mem::take(&mut self.server.borrow_mut().inject);
+        let server = self.server.borrow();
+        let limit = if server.page_size == 0 {
+            usize::MAX
+        } else {
+            server.page_size
+        };
+        let newer: Vec<&Operation> = server
+            .log
+            .iter()
+            .filter(|op| op.version > Some(since))
+            .collect();
+        let page: Vec<&&Operation> = newer.iter().take(limit).collect();
+        let version = page
+            .last()
+            .map_or(server.log.len() as u64, |op| op.version.unwrap());
+        operations.extend(
+            page.iter()
+                .filter(|op| op.device_id != device)
+                .map(|op| crate::state::operation_value(op).unwrap()),
+        );
+        Ok(FetchPage {
+            operations,
+            version,
+            has_more: newer.len() > page.len(),
+            bytes_received: 0,
+        })
+    }
+
+    fn push(&mut self, _device: &str, operations: &[Operation]) -> Result<PushReply, HostError> {
+        let mut server = self.server.borrow_mut();
+        let mut reply = PushReply {
+            success: true,
+            ..PushReply::default()
+        };
+        for op in operations {
+            if let Some(stored) = server.log.iter().find(|s| s.id == op.id) {
+                reply
+                    .accepted
+                    .push((op.id.clone(), stored.version.unwrap()));
+                continue;
+            }
+            let latest = server.latest_version(&op.story_id);
+            if let (Some(latest), Some(base)) = (latest, op.base_version) {
+                if latest > base {
+                    reply.success = false;
+                    reply.conflicts.push(ServerConflict {
+                        id: op.story_id.clone(),
+                        conflict_type: "concurrent_modification".into(),
+                        op_id: Some(op.id.clone()),
+                        server_version: Some(latest),
+                        extra: Map::new(),
+                    });
+                    continue;
+                }
+            }
+            let version = server.log.len() as u64 + 1;
+            server.log.push(Operation {
+                version: Some(version),
+                ..op.clone()
+            });
+            reply.accepted.push((op.id.clone(), version));
+        }
+        if std::mem::take(&mut server.lose_next_answer) {
+            return Err(HostError("connection reset".into()));
+        }
+        Ok(reply)
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    events: Vec<String>,
+    decision: Option<Decision>,
+}
+
+impl Host for Recorder {
+    fn progress(&mut self, progress: Progress) {
+        self.events
+            .push(format!("progress:{}", progress.step.name()));
+    }
+    fn resolve(&mut self, _: &Conflict) -> Result<Option<Decision>, HostError> {
+        Ok(self.decision.clone())
+    }
+    fn conflict_settled(&mut self, conflict: &Conflict, outcome: &Outcome, _: bool) {
+        self.events
+            .push(format!("conflict:{}:{outcome:?}", conflict.story_id));
+    }
+}
+
+struct Device {
+    engine: Engine,
+    storage: MemoryStorage,
+    state: StateManager<MemoryStore>,
+    link: Link,
+    host: Recorder,
+}
+
+impl Device {
+    fn new(name: &str, server: &Rc<RefCell<Server>>, strategy: ConflictStrategy) -> Self {
+        Device {
+            engine: Engine::new(EngineConfig {
+                device_id: name.into(),
+                strategy,
+                tracks_events: false,
+            }),
+            storage: MemoryStorage::default(),
+            state: StateManager::open(MemoryStore::default()).unwrap(),
+            link: Link {
+                server: server.clone(),
+            },
+            host: Recorder::default(),
+        }
+    }
+
+    fn sync(&mut self) -> Result<SyncReport, SyncError> {
+        self.engine.sync(
+            &mut self.storage,
+            Some(&mut self.link),
+            &mut self.state,
+            &mut self.host,
+        )
+    }
+
+    fn write(&mut self, id: &str, json: &str) {
+        self.storage
+            .stories
+            .insert(id.into(), serde_json::from_str(json).unwrap());
+    }
+
+    fn story(&self, id: &str) -> Option<String> {
+        self.storage
+            .stories
+            .get(id)
+            .map(|v| v.to_canonical_json().unwrap())
+    }
+}
+
+fn server() -> Rc<RefCell<Server>> {
+    Rc::new(RefCell::new(Server::default()))
+}
+
+fn pushed(server: &Rc<RefCell<Server>>) -> usize {
+    server.borrow().log.len()
+}
+
+#[test]
+fn first_sync_pushes_every_story_and_the_other_device_receives_them() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("one", r#"{"title":"One"}"#);
+    a.write("two", r#"{"title":"Two"}"#);
+    assert_eq!(a.sync().unwrap().pushed, 2);
+    let report = b.sync().unwrap();
+    assert_eq!(report.applied, 2);
+    assert_eq!(b.story("two").unwrap(), r#"{"title":"Two"}"#);
+}
+
+#[test]
+fn a_sync_without_changes_pushes_nothing() {
+    let s = server();
+    let mut a = Device::new("a", &s, ConflictStrategy::LastWriteWins);
+    a.write("one", r#"{"title":"One"}"#);
+    a.sync().unwrap();
+    let report = a.sync().unwrap();
+    assert_eq!((report.pushed, report.applied), (0, 0));
+    assert_eq!(pushed(&s), 1);
+}
+
+#[test]
+fn only_the_edited_story_is_pushed() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    for i in 0..10 {
+        a.write(&format!("s{i}"), r#"{"title":"T"}"#);
+    }
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.write("s3", r#"{"title":"Edited"}"#);
+    assert_eq!(a.sync().unwrap().pushed, 1);
+    b.sync().unwrap();
+    assert_eq!(b.story("s3").unwrap(), r#"{"title":"Edited"}"#);
+    // b received s3 and must not echo it back.
+    assert_eq!(b.sync().unwrap().pushed, 0);
+    assert_eq!(pushed(&s), 11);
+}
+
+#[test]
+fn deletes_propagate() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("gone", r#"{"title":"G"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.storage.stories.remove("gone");
+    a.sync().unwrap();
+    b.sync().unwrap();
+    assert_eq!(b.story("gone"), None);
+    assert_eq!(s.borrow().log.last().unwrap().op_type, OpType::Delete);
+}
+
+#[test]
+fn concurrent_edits_settle_on_the_same_winner_everywhere() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("s", r#"{"title":"Base"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.write("s", r#"{"title":"From A"}"#);
+    b.write("s", r#"{"title":"From B"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.sync().unwrap();
+    assert_eq!(a.story("s"), b.story("s"));
+    assert!(b.host.events.iter().any(|e| e.starts_with("conflict:s:")));
+}
+
+#[test]
+fn auto_merge_keeps_edits_to_different_fields() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::AutoMerge),
+        Device::new("b", &s, ConflictStrategy::AutoMerge),
+    );
+    a.write("s", r#"{"title":"T","body":"B","tags":["x"]}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.write("s", r#"{"title":"T by A","body":"B","tags":["x"]}"#);
+    b.write("s", r#"{"title":"T","body":"B by B","tags":["x"]}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.sync().unwrap();
+    let merged = r#"{"body":"B by B","tags":["x"],"title":"T by A"}"#;
+    assert_eq!(a.story("s").unwrap(), merged);
+    assert_eq!(b.story("s").unwrap(), merged);
+}
+
+#[test]
+fn keep_both_keeps_both_versions_on_every_replica() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::KeepBoth),
+        Device::new("b", &s, ConflictStrategy::KeepBoth),
+    );
+    a.write("s", r#"{"title":"Base"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.write("s", r#"{"title":"A"}"#);
+    b.write("s", r#"{"title":"B"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.sync().unwrap();
+    assert_eq!(a.storage.stories, b.storage.stories);
+    assert_eq!(a.storage.stories.len(), 2);
+    let titles: Vec<String> = a
+        .storage
+        .stories
+        .values()
+        .map(|v| v.to_canonical_json().unwrap())
+        .collect();
+    assert!(
+        titles.contains(&r#"{"title":"A"}"#.to_string())
+            && titles.contains(&r#"{"title":"B"}"#.to_string())
+    );
+}
+
+#[test]
+fn manual_conflicts_without_a_resolver_wait_for_the_user() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::Manual),
+        Device::new("b", &s, ConflictStrategy::Manual),
+    );
+    a.write("s", r#"{"title":"Base"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.write("s", r#"{"title":"A"}"#);
+    b.write("s", r#"{"title":"B"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    assert_eq!(b.story("s").unwrap(), r#"{"title":"B"}"#);
+    assert_eq!(b.state.conflicts().len(), 1);
+    assert_eq!(b.sync().unwrap().pushed, 0, "a held story is not pushed");
+    b.host.decision = Some(Decision::TakeRemote);
+}
+
+#[test]
+fn a_manual_resolver_decides() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::Manual),
+        Device::new("b", &s, ConflictStrategy::Manual),
+    );
+    b.host.decision = Some(Decision::Use(Some(
+        serde_json::from_str(r#"{"title":"Both"}"#).unwrap(),
+    )));
+    a.write("s", r#"{"title":"Base"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.write("s", r#"{"title":"A"}"#);
+    b.write("s", r#"{"title":"B"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.sync().unwrap();
+    assert_eq!(a.story("s").unwrap(), r#"{"title":"Both"}"#);
+    assert_eq!(b.story("s").unwrap(), r#"{"title":"Both"}"#);
+}
+
+#[test]
+fn own_operations_are_not_remote_changes() {
+    let s = server();
+    let mut a = Device::new("a", &s, ConflictStrategy::LastWriteWins);
+    a.write("s", r#"{"title":"Mine"}"#);
+    a.sync().unwrap();
+    let mut echo = s.borrow().log[0].clone();
+    echo.data = Some(serde_json::from_str(r#"{"title":"Echo"}"#).unwrap());
+    s.borrow_mut()
+        .inject
+        .push(crate::state::operation_value(&echo).unwrap());
+    a.sync().unwrap();
+    assert_eq!(a.story("s").unwrap(), r#"{"title":"Mine"}"#);
+}
+
+#[test]
+fn a_lost_push_answer_neither_loses_nor_duplicates() {
+    let s = server();
+    let mut a = Device::new("a", &s, ConflictStrategy::LastWriteWins);
+    a.write("s", r#"{"title":"Once"}"#);
+    s.borrow_mut().lose_next_answer = true;
+    assert!(a.sync().is_err());
+    assert_eq!(a.state.pending_count(), 1, "the edit stays queued");
+    a.sync().unwrap();
+    assert_eq!(pushed(&s), 1, "the re-push was recognised");
+    assert_eq!(a.state.pending_count(), 0);
+    a.write("s", r#"{"title":"Twice"}"#);
+    a.sync().unwrap();
+    assert_eq!(pushed(&s), 2);
+}
+
+#[test]
+fn malformed_remote_operations_fail_the_sync_and_apply_nothing() {
+    let s = server();
+    let mut a = Device::new("a", &s, ConflictStrategy::LastWriteWins);
+    let bad = r#"{"id":"x","type":"create","story_id":"../../escape","data":{},"device_id":"evil","timestamp":1}"#;
+    s.borrow_mut()
+        .inject
+        .push(serde_json::from_str(bad).unwrap());
+    let err = a.sync().unwrap_err().to_string();
+    assert_eq!(err, "invalid operation from server: operation 1: story id \"../../escape\" contains a path separator or '..'");
+    assert!(a.storage.stories.is_empty());
+    assert_eq!(a.state.server_version(), 0);
+}
+
+#[test]
+fn a_storage_failure_is_reported_and_the_next_sync_recovers() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("s", r#"{"title":"T"}"#);
+    a.sync().unwrap();
+    b.storage.fail_saves = true;
+    assert_eq!(
+        b.sync().unwrap_err().to_string(),
+        "storage save('s') failed: disk full"
+    );
+    b.storage.fail_saves = false;
+    b.sync().unwrap();
+    assert_eq!(b.story("s").unwrap(), r#"{"title":"T"}"#);
+}
+
+#[test]
+fn metadata_only_changes_travel_as_metadata_updates() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("s", r#"{"title":"T","metadata":{"tags":["a"]}}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.write("s", r#"{"title":"T","metadata":{"tags":["b"]}}"#);
+    a.sync().unwrap();
+    let last = s.borrow().log.last().unwrap().clone();
+    assert_eq!(last.op_type, OpType::MetadataUpdate);
+    b.sync().unwrap();
+    assert_eq!(
+        b.story("s").unwrap(),
+        r#"{"metadata":{"tags":["b"]},"title":"T"}"#
+    );
+    assert_eq!(b.sync().unwrap().pushed, 0);
+}
+
+#[test]
+fn every_page_is_fetched() {
+    let s = server();
+    s.borrow_mut().page_size = 3;
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    for i in 0..10 {
+        a.write(&format!("s{i}"), r#"{"n":1}"#);
+    }
+    a.sync().unwrap();
+    assert_eq!(b.sync().unwrap().applied, 10);
+    assert_eq!(b.state.server_version(), 10);
+}
+
+#[test]
+fn state_is_recorded_under_the_reserved_key() {
+    let s = server();
+    let mut a = Device::new("a", &s, ConflictStrategy::LastWriteWins);
+    a.write("s", r#"{"title":"T"}"#);
+    a.sync().unwrap();
+    assert!(a.state.store().0.contains_key(STATE_KEY));
+    assert_eq!(a.state.state().stats.total_syncs, 1);
+}
+
+/// Deterministic pseudo-random numbers (a seed reproduces a failure).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// What a convergence run went through.
+#[derive(Debug, Default)]
+pub(crate) struct RunStats {
+    conflicts: usize,
+    stories: usize,
+}
+
+/// Random creates, edits (to random fields) and deletes on three devices, with
+/// random offline periods and sync orders; then everyone syncs twice.
+pub(crate) fn converges(seed: u64, strategy: ConflictStrategy) -> Result<RunStats, String> {
+    let s = server();
+    let mut devices: Vec<Device> = ["d1", "d2", "d3"]
+        .iter()
+        .map(|n| Device::new(n, &s, strategy))
+        .collect();
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    for _ in 0..40 {
+        let d = rng.below(3) as usize;
+        let id = format!("story-{}", rng.below(5));
+        match rng.below(6) {
+            0 => {
+                devices[d].storage.stories.remove(&id);
+            }
+            1..=4 => {
+                let device = &mut devices[d];
+                let mut story = device
+                    .storage
+                    .stories
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(Value::empty_object);
+                if let Value::Object(fields) = &mut story {
+                    fields.insert(
+                        format!("f{}", rng.below(4)),
+                        Value::Int(rng.below(100) as i64),
+                    );
+                }
+                device.storage.stories.insert(id, story);
+            }
+            _ => {
+                let _ = devices[d].sync();
+            }
+        }
+    }
+    for _ in 0..2 {
+        for device in &mut devices {
+            device.sync().map_err(|e| format!("seed {seed}: {e}"))?;
+        }
+    }
+    for device in &devices[1..] {
+        if device.storage.stories != devices[0].storage.stories {
+            return Err(format!(
+                "seed {seed} {strategy:?}: replicas differ:\n{:?}\n{:?}",
+                devices[0].storage.stories, device.storage.stories
+            ));
+        }
+    }
+    Ok(RunStats {
+        conflicts: devices
+            .iter()
+            .flat_map(|d| &d.host.events)
+            .filter(|e| e.starts_with("conflict:"))
+            .count(),
+        stories: devices[0].storage.stories.len(),
+    })
+}
+
+#[test]
+fn replicas_converge_for_every_strategy() {
+    for strategy in [
+        ConflictStrategy::LastWriteWins,
+        ConflictStrategy::AutoMerge,
+        ConflictStrategy::KeepBoth,
+    ] {
+        let mut total = RunStats::default();
+        for seed in 1..=300 {
+            let run = converges(seed, strategy).unwrap();
+            total.conflicts += run.conflicts;
+            total.stories += run.stories;
+        }
+        // The runs must actually exercise conflicts and leave stories behind.
+        assert!(
+            total.conflicts > 300,
+            "{strategy:?}: only {} conflicts",
+            total.conflicts
+        );
+        assert!(
+            total.stories > 300,
+            "{strategy:?}: only {} stories",
+            total.stories
+        );
+        eprintln!("{strategy:?}: {total:?}");
+    }
+}
