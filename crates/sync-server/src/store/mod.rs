@@ -384,8 +384,11 @@ pub fn plan_push(
         });
     }
 
+    // Only stories with operations from before this push have stored rows to
+    // supersede; within the push, `live` flags are already settled above.
     plan.supersede = story_order
         .into_iter()
+        .filter(|id| heads.get(id).is_some_and(|head| *head > 0))
         .filter_map(|id| {
             let supersede = stories.get(&id)?.supersede?;
             Some((id, supersede))
@@ -570,15 +573,16 @@ mod tests {
                 op("b", "s", OpType::MetadataUpdate, None),
                 op("c", "s", OpType::MetadataUpdate, None),
                 op("d", "t", OpType::MetadataUpdate, None),
+                op("e", "new", OpType::Create, None),
             ],
-            0,
+            9,
             &HashMap::new(),
-            &HashMap::new(),
+            &HashMap::from([("s".to_string(), 8), ("t".to_string(), 9)]),
         )
         .unwrap();
         assert_eq!(
             plan.rows.iter().map(|r| r.live).collect::<Vec<_>>(),
-            [true, false, true, true]
+            [true, false, true, true, true]
         );
         assert_eq!(
             plan.supersede,

@@ -193,10 +193,11 @@ fn push_blocking(
     let plan = plan_push(device_id, ops, from_sql_seq(start)?, &existing, &heads)?;
     if !plan.rows.is_empty() {
         let mut supersede_all = tx.prepare_cached(
-            "UPDATE operations SET live = 0, body = NULL WHERE ns = ?1 AND story_id = ?2 AND live = 1",
+            "UPDATE operations INDEXED BY operations_by_story SET live = 0, body = NULL
+             WHERE ns = ?1 AND story_id = ?2 AND live = 1",
         )?;
         let mut supersede_metadata = tx.prepare_cached(
-            "UPDATE operations SET live = 0, body = NULL
+            "UPDATE operations INDEXED BY operations_by_story SET live = 0, body = NULL
              WHERE ns = ?1 AND story_id = ?2 AND live = 1 AND op_type = 'metadata_update'",
         )?;
         for (story_id, scope) in &plan.supersede {
@@ -245,7 +246,7 @@ fn fetch_blocking(
         .optional()?
         .unwrap_or(0);
     let mut query = tx.prepare_cached(
-        "SELECT seq, body FROM operations
+        "SELECT seq, body FROM operations INDEXED BY operations_live
          WHERE ns = ?1 AND live = 1 AND seq > ?2 AND device_id <> ?3
            AND NOT (?4 AND op_type = 'delete' AND received_at < ?5)
          ORDER BY seq LIMIT ?6",
@@ -388,7 +389,8 @@ impl Storage for SqliteStore {
     ) -> Result<Vec<StoredOp>, StoreError> {
         self.read(move |conn| {
             let mut query = conn.prepare_cached(
-                "SELECT seq, body FROM operations WHERE ns = ?1 AND live = 1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq",
+                "SELECT seq, body FROM operations INDEXED BY operations_live
+                 WHERE ns = ?1 AND live = 1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq",
             )?;
             let rows = query.query_map(params![ns, to_sql_seq(from), to_sql_seq(to)], |row| {
                 Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
