@@ -158,7 +158,10 @@ impl StateHandle {
 
 /// The [`StateManager`] behind a Lua state-manager instance (a table made by
 /// `SyncStateManager.new`), for Rust code such as the engine binding.
-#[allow(dead_code, reason = "the engine binding (issue 6) reaches the state through it")]
+#[allow(
+    dead_code,
+    reason = "the engine binding (issue 6) reaches the state through it"
+)]
 pub(crate) fn state_manager_of(instance: &Table) -> mlua::Result<Rc<RefCell<LuaStateManager>>> {
     let handle: AnyUserData = instance
         .get("_native")
@@ -252,7 +255,7 @@ impl UserData for StateHandle {
         });
         methods.add_method("update_last_sync_time", |lua, this, ts: LuaValue| {
             let ts = match ts {
-                LuaValue::Integer(i) => i as i64,
+                LuaValue::Integer(i) => crate::values::int64(i),
                 LuaValue::Number(n) if n.is_finite() => n.floor() as i64,
                 other => {
                     return rejected(

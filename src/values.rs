@@ -47,3 +47,12 @@ pub(crate) fn integer(i: i64) -> LuaValue {
     #[cfg(not(any(feature = "lua51", feature = "luajit")))]
     LuaValue::Integer(i as _)
 }
+
+/// A Lua integer as `i64` (its width depends on the Lua flavour).
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "mlua::Integer is i64 only on some flavours"
+)]
+pub(crate) fn int64(i: mlua::Integer) -> i64 {
+    i as i64
+}
