@@ -466,7 +466,7 @@ fn websocket_reconnects_after_server_restart_without_missing_changes() {
         let pusher = http(&http_url, KEY);
         let first = op("before", "dev-a");
         pusher
-            .push_operations("dev-a", &[first.clone()])
+            .push_operations("dev-a", std::slice::from_ref(&first))
             .await
             .unwrap();
         let events = events_until(&b, |e| remote_ids(e).len() == 1).await;
@@ -483,7 +483,7 @@ fn websocket_reconnects_after_server_restart_without_missing_changes() {
         let pusher = http(&server.http_url(), KEY);
         let during = op("during", "dev-a");
         pusher
-            .push_operations("dev-a", &[during.clone()])
+            .push_operations("dev-a", std::slice::from_ref(&during))
             .await
             .unwrap();
 
@@ -501,7 +501,7 @@ fn websocket_reconnects_after_server_restart_without_missing_changes() {
 
         let after = op("after", "dev-a");
         pusher
-            .push_operations("dev-a", &[after.clone()])
+            .push_operations("dev-a", std::slice::from_ref(&after))
             .await
             .unwrap();
         let more = events_until(&b, |e| remote_ids(e).contains(&after.id)).await;
