@@ -14,6 +14,8 @@
 -- instance when called, so an instance's `_request` can be replaced.
 -- @module whisker.storage.sync.transports.http
 
+-- luacheck: ignore 212/self (methods keep the old signatures)
+
 local native = require("whisker.storage.sync.native")
 local http = native.http
 local json = native.json

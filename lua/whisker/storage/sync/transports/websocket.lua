@@ -16,6 +16,8 @@
 -- same message handling.
 -- @module whisker.storage.sync.transports.websocket
 
+-- luacheck: ignore 212/self (methods keep the old signatures)
+
 local native = require("whisker.storage.sync.native")
 local json = native.json
 local ws_native = native.websocket
