@@ -574,23 +574,27 @@ impl<S: StateStore> StateManager<S> {
         self.save_main()
     }
 
-    /// Starts a new queue generation holding `pending` (written first), then
-    /// saves the main record that switches to it, then deletes the old slots.
+    /// Starts a new queue generation holding `pending`, then deletes the old
+    /// slots. New slots are written first, at an index no live slot uses, and
+    /// only the main record written after them makes them live; an empty new
+    /// queue starts at slot 0, reusing the keys of dead slots.
     fn replace_queue(&mut self, pending: Vec<Value>) -> Result<(), StateError> {
         let old: Vec<u64> = self.slots.iter().map(|s| s.index).collect();
+        let free = self.slots.back().map_or(self.head, |s| s.index + 1);
         self.generation = new_generation(self.generation);
-        self.head = 0;
         self.slots.clear();
-        if !pending.is_empty() {
-            self.write_slot(0, &pending)?;
+        if pending.is_empty() {
+            self.head = 0;
+        } else {
+            self.head = free;
+            self.write_slot(free, &pending)?;
             self.slots.push_back(Slot {
-                index: 0,
+                index: free,
                 operations: pending,
             });
         }
         self.save_main()?;
-        let keep = usize::from(!self.slots.is_empty());
-        self.delete_slots(old.into_iter().filter(|&i| i >= keep as u64))
+        self.delete_slots(old)
     }
 
     /// Appends operations (any values) as one slot: one store write of their size.
@@ -933,13 +937,28 @@ mod tests {
     use crate::protocol::OpType;
     use std::collections::HashMap;
 
-    /// An in-memory store that counts the bytes each save writes (as JSON).
+    /// An in-memory store that counts the bytes each save writes (as JSON)
+    /// and can "crash": refuse every write after `writes_left` more.
     #[derive(Default)]
     struct Memory {
         records: HashMap<String, Value>,
         bytes: usize,
         saves: usize,
         deletes: bool,
+        writes_left: Option<usize>,
+    }
+
+    impl Memory {
+        fn write(&mut self) -> Result<(), StoreError> {
+            match &mut self.writes_left {
+                Some(0) => Err(StoreError("crashed".into())),
+                Some(n) => {
+                    *n -= 1;
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        }
     }
 
     impl StateStore for Memory {
@@ -947,6 +966,7 @@ mod tests {
             Ok(self.records.get(key).cloned())
         }
         fn save(&mut self, key: &str, value: &Value) -> Result<(), StoreError> {
+            self.write()?;
             self.bytes += serde_json::to_string(value).unwrap().len();
             self.saves += 1;
             self.records.insert(key.to_owned(), value.clone());
@@ -956,6 +976,7 @@ mod tests {
             self.deletes
         }
         fn delete(&mut self, key: &str) -> Result<(), StoreError> {
+            self.write()?;
             self.records.remove(key);
             Ok(())
         }
@@ -1122,5 +1143,94 @@ mod tests {
             2,
             "acknowledged op is pushed again, not lost"
         );
+    }
+
+    fn pending_ids(m: &StateManager<Memory>) -> Vec<String> {
+        m.pending_operations().into_iter().map(|o| o.id).collect()
+    }
+
+    /// Runs a script of state changes, crashing after every possible number of
+    /// writes; the state reopened from what was written must be sound and
+    /// equal to the state before or after the call that crashed.
+    #[test]
+    fn every_crash_point_leaves_a_consistent_state() {
+        let ops: Vec<Operation> = (0..6).map(|i| op(&format!("s{i}"))).collect();
+        let replacement = Value::Object(Map::from([(
+            "pending_operations".to_owned(),
+            Value::Array(vec![
+                operation_value(&ops[3]).unwrap(),
+                operation_value(&ops[4]).unwrap(),
+            ]),
+        )]));
+        type Step = Box<dyn Fn(&mut StateManager<Memory>) -> Result<(), StateError>>;
+        let steps: Vec<Step> = vec![
+            Box::new({
+                let o = ops[0].clone();
+                move |m| m.enqueue(std::slice::from_ref(&o))
+            }),
+            Box::new({
+                let o = [ops[1].clone(), ops[2].clone()];
+                move |m| m.enqueue(&o)
+            }),
+            Box::new({
+                let id = ops[1].id.clone();
+                move |m| m.acknowledge(&[&id]).map(drop)
+            }),
+            Box::new(move |m| m.replace_with_value(replacement.clone()).map(drop)),
+            Box::new({
+                let id = ops[3].id.clone();
+                move |m| {
+                    m.record_sync(SyncRecord {
+                        acknowledged: vec![id.clone()],
+                        server_version: Some(9),
+                        ..SyncRecord::default()
+                    })
+                }
+            }),
+            Box::new(|m| m.clear_pending()),
+            Box::new({
+                let o = ops[5].clone();
+                move |m| m.enqueue(std::slice::from_ref(&o))
+            }),
+        ];
+        for deletes in [false, true] {
+            // The pending ids after each step, without crashes.
+            let mut m = StateManager::open(Memory {
+                deletes,
+                ..Memory::default()
+            })
+            .unwrap();
+            let mut expected = vec![pending_ids(&m)];
+            for step in &steps {
+                step(&mut m).unwrap();
+                expected.push(pending_ids(&m));
+            }
+            let total_writes = m.store().saves + 10;
+            for budget in 0..total_writes {
+                let mut m = StateManager::open(Memory {
+                    deletes,
+                    ..Memory::default()
+                })
+                .unwrap();
+                m.store_mut().writes_left = Some(budget);
+                let mut done = 0;
+                for step in &steps {
+                    if step(&mut m).is_err() {
+                        break;
+                    }
+                    done += 1;
+                }
+                let mut store = m.store;
+                store.writes_left = None;
+                let reopened = StateManager::open(store).unwrap();
+                assert!(reopened.warnings().is_empty(), "{:?}", reopened.warnings());
+                let got = pending_ids(&reopened);
+                let allowed = &expected[done..(done + 2).min(expected.len())];
+                assert!(
+                    allowed.contains(&got),
+                    "deletes={deletes} budget={budget} after {done} steps: {got:?} not in {allowed:?}"
+                );
+            }
+        }
     }
 }
