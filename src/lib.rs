@@ -2,6 +2,7 @@
 //! exposed to Lua. The Lua modules under `lua/whisker/storage/sync/` load it
 //! and present the classes at the module paths whisker-core always used.
 
+mod engine;
 mod http;
 mod protocol;
 mod raw;
@@ -32,6 +33,7 @@ fn whisker_sync(lua: &Lua) -> mlua::Result<Table> {
     exports.set("lua_flavour", LUA_FLAVOUR)?;
     exports.set("protocol", protocol::module(lua)?)?;
     exports.set("state_manager", state_manager::module(lua)?)?;
+    exports.set("engine", engine::module(lua)?)?;
     exports.set("http", http::module(lua)?)?;
     exports.set("json", http::json_module(lua)?)?;
     exports.set("websocket", websocket::module(lua)?)?;

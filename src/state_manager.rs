@@ -35,6 +35,11 @@ pub(crate) fn lua_error_message(error: &mlua::Error) -> String {
 }
 
 impl LuaStore {
+    /// A store over `storage.backend`.
+    pub(crate) fn new(storage: Table) -> Self {
+        LuaStore { storage }
+    }
+
     /// The Lua state and `storage.backend`, looked up at call time.
     fn backend(&self) -> Result<(Lua, Table), StoreError> {
         let lua = self
@@ -158,10 +163,6 @@ impl StateHandle {
 
 /// The [`StateManager`] behind a Lua state-manager instance (a table made by
 /// `SyncStateManager.new`), for Rust code such as the engine binding.
-#[allow(
-    dead_code,
-    reason = "the engine binding (issue 6) reaches the state through it"
-)]
 pub(crate) fn state_manager_of(instance: &Table) -> mlua::Result<Rc<RefCell<LuaStateManager>>> {
     let handle: AnyUserData = instance
         .get("_native")

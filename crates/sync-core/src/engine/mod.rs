@@ -32,7 +32,8 @@ use crate::protocol::{
     self, last_write_wins, now_seconds, ConflictStrategy, ConflictType, OpType, Operation, Side,
 };
 use crate::state::{
-    self as state_mod, Baseline, ErrorUpdate, StateError, StateManager, StateStore, SyncRecord,
+    self as state_mod, Baseline, ErrorUpdate, StateError, StateManager, StateStore, StoreError,
+    SyncRecord,
 };
 use crate::value::{Map, Value};
 use crate::wire::ServerConflict;
@@ -61,6 +62,10 @@ pub enum SyncError {
     Bases(String),
     #[error("push still conflicted after {0} rounds; will retry on the next sync")]
     Unsettled(usize),
+    #[error("no unresolved conflict for story \"{0}\"")]
+    NoSuchConflict(String),
+    #[error("the recorded conflict for story \"{0}\" is unreadable: {1}")]
+    BadConflictRecord(String, String),
 }
 
 /// A story as the storage lists it.
@@ -500,6 +505,100 @@ impl Engine {
         Ok(report)
     }
 
+    /// Resolves a conflict the manual strategy left for the user: applies the
+    /// decision locally and queues what the server must learn; the next sync
+    /// pushes it.
+    pub fn resolve_held<S: StateStore>(
+        &mut self,
+        story_id: &str,
+        decision: Decision,
+        storage: &mut dyn Storage,
+        state: &mut StateManager<S>,
+    ) -> Result<Outcome, SyncError> {
+        let mut held = state.conflicts().to_vec();
+        let position = held
+            .iter()
+            .position(|c| c.get("story_id").and_then(Value::as_str) == Some(story_id))
+            .ok_or_else(|| SyncError::NoSuchConflict(story_id.to_owned()))?;
+        let record = held.remove(position);
+        let unreadable = |e: String| SyncError::BadConflictRecord(story_id.to_owned(), e);
+        let op_of = |name: &str| {
+            record
+                .get(name)
+                .ok_or_else(|| format!("{name} is missing"))
+                .and_then(scan::parse_remote)
+                .map_err(unreadable)
+        };
+        let (local, remote) = (op_of("local")?, op_of("remote")?);
+        let conflict = Conflict {
+            story_id: story_id.to_owned(),
+            conflict_type: ConflictType::of(Some(local.op_type), Some(remote.op_type)),
+            local,
+            remote,
+            base: None,
+        };
+        let outcome = match decision {
+            Decision::KeepLocal => Outcome::KeptLocal,
+            Decision::TakeRemote => Outcome::TookRemote,
+            Decision::KeepBoth => Outcome::KeptBoth {
+                copy_id: protocol::keep_both_ids(story_id, &conflict.local.id, &conflict.remote.id)
+                    .0,
+            },
+            Decision::Use(content) => Outcome::Merged(content),
+        };
+        write_outcome(storage, &conflict, &outcome)?;
+        let pending: Vec<String> = state
+            .pending_operations()
+            .into_iter()
+            .filter(|op| op.story_id == story_id)
+            .map(|op| op.id)
+            .collect();
+        let mut follow_up = Vec::new();
+        let mut record = SyncRecord::default();
+        match &outcome {
+            Outcome::KeptLocal | Outcome::Unresolved => {}
+            Outcome::TookRemote => record.acknowledged = pending,
+            Outcome::Merged(content) => {
+                record.acknowledged = pending;
+                let op_type = if content.is_some() {
+                    OpType::Update
+                } else {
+                    OpType::Delete
+                };
+                follow_up.push(Operation::new(op_type, story_id, content.clone()));
+            }
+            Outcome::KeptBoth { copy_id } => {
+                record.acknowledged = pending;
+                follow_up.push(Operation::new(
+                    OpType::Create,
+                    copy_id.as_str(),
+                    conflict.local.data.clone(),
+                ));
+            }
+        }
+        for op in &mut follow_up {
+            op.device_id = self.config.device_id.clone();
+        }
+        state.enqueue(&follow_up)?;
+        let incoming = conflict.remote.data.clone();
+        let mut bases = BaseStore::default();
+        bases.set(story_id, incoming.clone());
+        bases.save(state)?;
+        record.baselines = vec![(
+            story_id.to_owned(),
+            incoming.as_ref().map(|content| Baseline {
+                hash: content_hash(Some(content)),
+                version: conflict
+                    .remote
+                    .version
+                    .unwrap_or_else(|| state.server_version()),
+            }),
+        )];
+        record.conflicts = Some(held);
+        state.record_sync(record)?;
+        Ok(outcome)
+    }
+
     /// Fetches every page after the last version seen; validates and returns
     /// the operations of other devices, in server order.
     fn fetch_all(
@@ -641,7 +740,7 @@ impl Engine {
                 done,
                 total,
             });
-            let (outcome, automatic) = self.decide(&conflict, host)?;
+            let (outcome, automatic) = self.settle(&conflict, host)?;
             round.report.conflicts += 1;
             match &outcome {
                 Outcome::KeptLocal => {
@@ -691,8 +790,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Settles one conflict by the configured strategy.
-    fn decide(
+    /// Decides one conflict by the configured strategy (the manual one asks
+    /// the host). Returns the outcome and whether it was automatic.
+    pub fn settle(
         &self,
         conflict: &Conflict,
         host: &mut dyn Host,
@@ -889,6 +989,57 @@ fn write_story(
         None => storage.delete(id)?,
     }
     Ok(())
+}
+
+/// Writes a settled conflict's result to storage (used where no sync is
+/// running: the old `_resolve_conflicts` call and user resolutions).
+pub fn write_outcome(
+    storage: &mut dyn Storage,
+    conflict: &Conflict,
+    outcome: &Outcome,
+) -> Result<(), SyncError> {
+    match outcome {
+        Outcome::KeptLocal | Outcome::Unresolved => Ok(()),
+        Outcome::TookRemote => {
+            write_story(storage, &conflict.story_id, conflict.remote.data.as_ref())
+        }
+        Outcome::Merged(content) => write_story(storage, &conflict.story_id, content.as_ref()),
+        Outcome::KeptBoth { copy_id } => {
+            write_story(storage, copy_id, conflict.local.data.as_ref())?;
+            write_story(storage, &conflict.story_id, conflict.remote.data.as_ref())
+        }
+    }
+}
+
+/// Sync state kept in memory only: for storages without a backend to
+/// persist into (the state lasts as long as the engine).
+#[derive(Debug, Default)]
+pub struct MemoryStore(BTreeMap<String, Value>);
+
+impl MemoryStore {
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key)
+    }
+}
+
+impl StateStore for MemoryStore {
+    fn load(&mut self, key: &str) -> Result<Option<Value>, StoreError> {
+        Ok(self.0.get(key).cloned())
+    }
+
+    fn save(&mut self, key: &str, value: &Value) -> Result<(), StoreError> {
+        self.0.insert(key.to_owned(), value.clone());
+        Ok(())
+    }
+
+    fn can_delete(&self) -> bool {
+        true
+    }
+
+    fn delete(&mut self, key: &str) -> Result<(), StoreError> {
+        self.0.remove(key);
+        Ok(())
+    }
 }
 
 /// How an unresolved conflict is kept in the state for later resolution.

@@ -8,21 +8,8 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use super::*;
-use crate::state::{StoreError, STATE_KEY};
+use crate::state::STATE_KEY;
 use crate::wire::ServerConflict;
-
-#[derive(Default)]
-struct MemoryStore(BTreeMap<String, Value>);
-
-impl StateStore for MemoryStore {
-    fn load(&mut self, key: &str) -> Result<Option<Value>, StoreError> {
-        Ok(self.0.get(key).cloned())
-    }
-    fn save(&mut self, key: &str, value: &Value) -> Result<(), StoreError> {
-        self.0.insert(key.to_owned(), value.clone());
-        Ok(())
-    }
-}
 
 #[derive(Default, Clone)]
 struct MemoryStorage {
@@ -382,7 +369,49 @@ fn manual_conflicts_without_a_resolver_wait_for_the_user() {
     assert_eq!(b.story("s").unwrap(), r#"{"title":"B"}"#);
     assert_eq!(b.state.conflicts().len(), 1);
     assert_eq!(b.sync().unwrap().pushed, 0, "a held story is not pushed");
-    b.host.decision = Some(Decision::TakeRemote);
+    let outcome = b
+        .engine
+        .resolve_held("s", Decision::KeepLocal, &mut b.storage, &mut b.state)
+        .unwrap();
+    assert_eq!(outcome, Outcome::KeptLocal);
+    assert!(b.state.conflicts().is_empty());
+    assert_eq!(b.sync().unwrap().pushed, 1);
+    a.sync().unwrap();
+    assert_eq!(a.story("s").unwrap(), r#"{"title":"B"}"#);
+}
+
+#[test]
+fn a_held_conflict_resolved_with_new_content_reaches_every_replica() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::Manual),
+        Device::new("b", &s, ConflictStrategy::Manual),
+    );
+    a.write("s", r#"{"title":"Base"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.write("s", r#"{"title":"A"}"#);
+    b.write("s", r#"{"title":"B"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    let merged = serde_json::from_str(r#"{"title":"A and B"}"#).unwrap();
+    b.engine
+        .resolve_held(
+            "s",
+            Decision::Use(Some(merged)),
+            &mut b.storage,
+            &mut b.state,
+        )
+        .unwrap();
+    assert_eq!(b.story("s").unwrap(), r#"{"title":"A and B"}"#);
+    b.sync().unwrap();
+    a.sync().unwrap();
+    assert_eq!(a.story("s").unwrap(), r#"{"title":"A and B"}"#);
+    let err = b
+        .engine
+        .resolve_held("s", Decision::KeepLocal, &mut b.storage, &mut b.state)
+        .unwrap_err();
+    assert_eq!(err.to_string(), "no unresolved conflict for story \"s\"");
 }
 
 #[test]
@@ -515,7 +544,7 @@ fn state_is_recorded_under_the_reserved_key() {
     let mut a = Device::new("a", &s, ConflictStrategy::LastWriteWins);
     a.write("s", r#"{"title":"T"}"#);
     a.sync().unwrap();
-    assert!(a.state.store().0.contains_key(STATE_KEY));
+    assert!(a.state.store().get(STATE_KEY).is_some());
     assert_eq!(a.state.state().stats.total_syncs, 1);
 }
 
