@@ -63,6 +63,11 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// A server with extra `serve` arguments (paths relative to its directory).
+    fn start_with(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = dir.path().join("sync.db");
         let status = Command::new(server_binary())
@@ -72,13 +77,19 @@ impl Server {
             .status()
             .expect("run whisker-sync-server keys add");
         assert!(status.success(), "keys add failed");
-        Server::serve(dir, "127.0.0.1:0")
+        Server::serve_with(dir, "127.0.0.1:0", extra)
     }
 
     fn serve(dir: TempDir, listen: &str) -> Server {
+        Server::serve_with(dir, listen, &[])
+    }
+
+    fn serve_with(dir: TempDir, listen: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(server_binary())
+            .current_dir(dir.path())
             .args(["serve", "--listen", listen, "--db"])
             .arg(dir.path().join("sync.db"))
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -513,5 +524,49 @@ fn websocket_reconnects_after_server_restart_without_missing_changes() {
             "each change exactly once"
         );
         drop(server);
+    });
+}
+
+#[test]
+fn tls_is_verified_against_the_ca_file() {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("certificate");
+    let certs = tempfile::tempdir().expect("temp dir");
+    let cert = certs.path().join("cert.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(
+        certs.path().join("key.pem"),
+        certified.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    let cert_arg = cert.to_string_lossy().into_owned();
+    let key_arg = certs.path().join("key.pem").to_string_lossy().into_owned();
+    let server = Server::start_with(&["--tls-cert", &cert_arg, "--tls-key", &key_arg]);
+    let https = format!("https://{}", server.addr);
+    let wss = format!("wss://{}/ws", server.addr);
+    let rt = runtime();
+    rt.block_on(async {
+        let untrusted = http(&https, KEY).server_version("d").await.unwrap_err();
+        assert!(untrusted.to_string().contains("certificate"), "{untrusted}");
+        assert!(
+            matches!(untrusted, HttpError::TlsHandshake { .. }),
+            "not retried: {untrusted}"
+        );
+
+        let mut config = HttpConfig::new(https.clone(), KEY);
+        config.ca_file = Some(cert.clone());
+        let trusted = HttpTransport::new(config).unwrap();
+        assert_eq!(trusted.server_version("d").await.expect("https"), 0);
+
+        let err = WsClient::connect(WsConfig::new(wss.clone(), KEY))
+            .await
+            .err()
+            .expect("untrusted wss");
+        assert!(err.to_string().contains("certificate"), "{err}");
+        let mut config = ws_config(&wss, "dev-a");
+        config.ca_file = Some(cert.clone());
+        let client = WsClient::connect(config).await.expect("wss with ca_file");
+        assert_eq!(client.server_version("dev-a").await.expect("version"), 0);
     });
 }

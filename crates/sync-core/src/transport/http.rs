@@ -33,6 +33,9 @@ pub enum HttpError {
     Refused { url: String },
     #[error("cannot connect to {url}: {detail}")]
     Connect { url: String, detail: String },
+    /// TLS failed (e.g. the certificate is not trusted): not worth retrying.
+    #[error("TLS with {url} failed: {detail}")]
+    TlsHandshake { url: String, detail: String },
     #[error("timed out after {} waiting for {url}", format_seconds(*.after))]
     Timeout { url: String, after: Duration },
     #[error("request to {url} failed: {detail}")]
@@ -127,6 +130,25 @@ fn detail(error: &reqwest::Error) -> String {
         cause = next;
     }
     cause.to_string()
+}
+
+/// The TLS error inside a reqwest error, if TLS is what failed. Errors are
+/// followed through their sources and into the errors io::Errors wrap.
+fn tls_failure(error: &reqwest::Error) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(tls) = e.downcast_ref::<tokio_rustls::rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        cause = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
 }
 
 fn refused(error: &reqwest::Error) -> bool {
@@ -265,6 +287,11 @@ impl HttpClient {
                 HttpError::InvalidUrl {
                     url: url.to_owned(),
                     detail: detail(&e),
+                }
+            } else if let Some(detail) = tls_failure(&e) {
+                HttpError::TlsHandshake {
+                    url: url.to_owned(),
+                    detail,
                 }
             } else if refused(&e) {
                 HttpError::Refused {
