@@ -102,7 +102,7 @@ impl UserData for WsHandle {
                 let client = Arc::clone(&this.client);
                 let mut answer = Box::pin(async move { client.request(&kind, fields, wait).await });
                 drain(lua, &this.client, &on_event)?;
-                loop {
+                let result = loop {
                     let client = Arc::clone(&this.client);
                     let outcome = block_on(async {
                         tokio::select! {
@@ -113,15 +113,18 @@ impl UserData for WsHandle {
                     match outcome {
                         Err(e) => return failure(lua, e.to_string()),
                         Ok(Err(Some(event))) => deliver(lua, &on_event, event)?,
-                        Ok(Err(None)) => {}
-                        Ok(Ok(result)) => {
-                            drain(lua, &this.client, &on_event)?;
-                            return match result {
-                                Ok(value) => success(lua, to_lua(lua, &value)?),
-                                Err(e) => failure(lua, e.to_string()),
-                            };
-                        }
+                        // No more events will come: only the answer (or its timeout) is left.
+                        Ok(Err(None)) => match block_on(&mut answer) {
+                            Ok(result) => break result,
+                            Err(e) => return failure(lua, e.to_string()),
+                        },
+                        Ok(Ok(result)) => break result,
                     }
+                };
+                drain(lua, &this.client, &on_event)?;
+                match result {
+                    Ok(value) => success(lua, to_lua(lua, &value)?),
+                    Err(e) => failure(lua, e.to_string()),
                 }
             },
         );

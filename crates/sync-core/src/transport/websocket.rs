@@ -203,7 +203,7 @@ enum Command {
 pub struct WsClient {
     config: WsConfig,
     commands: mpsc::UnboundedSender<Command>,
-    events: Mutex<mpsc::UnboundedReceiver<WsEvent>>,
+    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<WsEvent>>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
 }
@@ -348,7 +348,7 @@ impl WsClient {
         Ok(WsClient {
             config,
             commands,
-            events: Mutex::new(events),
+            events: tokio::sync::Mutex::new(events),
             shared,
             next_id: AtomicU64::new(1),
         })
@@ -377,27 +377,17 @@ impl WsClient {
         let _ = self.commands.send(Command::Close);
     }
 
-    /// The next queued event, without waiting.
+    /// The next queued event, without waiting (`None` also while another
+    /// caller is waiting in [`WsClient::next_event`]).
     pub fn try_event(&self) -> Option<WsEvent> {
-        self.events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .try_recv()
-            .ok()
+        self.events.try_lock().ok()?.try_recv().ok()
     }
 
-    /// Waits up to `wait` for the next event.
+    /// Waits up to `wait` for the next event; `None` when none came or the
+    /// connection is closed for good.
     pub async fn next_event(&self, wait: Duration) -> Option<WsEvent> {
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Some(event) = self.try_event() {
-                return Some(event);
-            }
-            if Instant::now() >= deadline || self.commands.is_closed() {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10).min(wait)).await;
-        }
+        let mut events = self.events.lock().await;
+        timeout(wait, events.recv()).await.ok().flatten()
     }
 
     /// Sends `{type = kind, request_id, ...fields}` and waits up to `wait` for
