@@ -86,7 +86,7 @@ done
 
 for flavour in "${flavours[@]}"; do
   counted "busted ($flavour)" busted "$flavour" "$(command -v busted)" -o plainTerminal \
-    --lpath="$root/lua/?.lua;$root/lua/?/init.lua" --cpath="$root/build/$flavour/?.so" spec
+    --lpath="$root/lua/?.lua;$root/lua/?/init.lua;$root/spec/?.lua" --cpath="$root/build/$flavour/?.so" spec
 done
 
 check "LuaRocks install (lua5.4, lua5.1)" scripts/test-rock.sh

@@ -1,11 +1,12 @@
 --- Behaviour of the WebSocket transport: request correlation, keepalive and
 -- reconnect with an injected client; the native connection against the
--- reference server (when its binary is built: target/debug/whisker-sync-server).
+-- reference server.
 
 -- luacheck: ignore 212/self
 
 local WebSocketTransport = require("whisker.storage.sync.transports.websocket")
 local native = require("whisker.storage.sync.native")
+local reference_server = require("support.reference_server")
 local json = native.json
 
 --- An injected client: `receive` is non-blocking; `replies` answer each sent
@@ -143,32 +144,6 @@ describe("WebSocket transport with an injected client", function()
   end)
 end)
 
---- Starts the reference server on a free loopback port; nil when not built.
-local function start_server()
-  local source = debug.getinfo(1, "S").source:match("^@(.*)/spec/[^/]+$")
-  local binary = (source or ".") .. "/target/debug/whisker-sync-server"
-  local probe = io.open(binary, "rb")
-  if not probe then
-    return nil
-  end
-  probe:close()
-  local dir = os.tmpname()
-  os.remove(dir)
-  assert(os.execute(("mkdir -p %q"):format(dir)))
-  local db = dir .. "/sync.db"
-  assert(os.execute(("%q keys add --key spec-key-123456 --db %q >/dev/null"):format(binary, db)))
-  local pipe = io.popen(("sh -c 'echo $$; exec %q serve --db %q --listen 127.0.0.1:0 2>/dev/null'"):format(binary, db))
-  local pid = pipe:read("*l")
-  local banner = pipe:read("*l") or ""
-  local server = { pid = pid, pipe = pipe, dir = dir, address = banner:match("http://(%S+)") }
-  function server:stop()
-    os.execute("kill " .. self.pid)
-    self.pipe:close()
-    os.execute(("rm -rf %q"):format(self.dir))
-  end
-  return server
-end
-
 describe("native WebSocket connection", function()
   it("reports a refused connection", function()
     local t = WebSocketTransport.new({ ws_url = "ws://127.0.0.1:9/ws", api_key = "k", response_timeout = 2 })
@@ -178,15 +153,11 @@ describe("native WebSocket connection", function()
   end)
 
   it("syncs with the reference server and delivers remote changes on step", function()
-    local server = start_server()
-    if not server then
-      pending("reference server not built (cargo build -p sync-server)")
-      return
-    end
+    local server = assert(reference_server.start())
     local ok, err = pcall(function()
-      local url = "ws://" .. server.address .. "/ws"
-      local a = WebSocketTransport.new({ ws_url = url, api_key = "spec-key-123456", device_id = "dev-a" })
-      local b = WebSocketTransport.new({ ws_url = url, api_key = "spec-key-123456", device_id = "dev-b" })
+      local url = server.ws_url
+      local a = WebSocketTransport.new({ ws_url = url, api_key = server.api_key, device_id = "dev-a" })
+      local b = WebSocketTransport.new({ ws_url = url, api_key = server.api_key, device_id = "dev-b" })
       local denied = WebSocketTransport.new({ ws_url = url, api_key = "wrong-key-123456" })
       local _, auth_err = denied:connect()
       assert.equals("Authentication failed: invalid API key", auth_err)
