@@ -65,6 +65,10 @@ start() {
             exit 1
         }
         chown postgres: "$dir"
+        as_postgres test -w "$dir" || {
+            echo "pg-cluster: the postgres user cannot reach $dir (a parent directory is private: use e.g. a directory under /tmp with mode 755)" >&2
+            exit 1
+        }
     fi
     as_postgres "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 || {
         cat "$dir/initdb.log" >&2

@@ -162,25 +162,26 @@ impl Storage for PostgresStore {
         let tx = client.transaction().await?;
         // Takes the namespace's row lock until commit: pushes to one namespace
         // are serialised across every process sharing the database.
-        let start: i64 = tx
-            .query_one(
+        let lock_namespace = tx
+            .prepare_cached(
                 "INSERT INTO namespaces (ns, seq) VALUES ($1, 0)
                  ON CONFLICT (ns) DO UPDATE SET seq = namespaces.seq RETURNING seq",
-                &[&ns],
             )
-            .await?
-            .get(0);
+            .await?;
+        let start: i64 = tx.query_one(&lock_namespace, &[&ns]).await?.get(0);
 
+        // Arrays are joined with UNNEST rather than matched with `= ANY($2)`:
+        // planning `ANY` over a 100-element array costs milliseconds.
         let ids: Vec<&str> = ops.iter().map(|op| op.id.as_str()).collect();
         let stories: Vec<&str> = ops.iter().map(|op| op.story_id.as_str()).collect();
-        let mut existing = HashMap::new();
-        for row in tx
-            .query(
-                "SELECT op_id, seq, story_id FROM operations WHERE ns = $1 AND op_id = ANY($2)",
-                &[&ns, &ids],
+        let find_ids = tx
+            .prepare_cached(
+                "SELECT o.op_id, o.seq, o.story_id FROM UNNEST($2::text[]) AS i(op_id)
+                 JOIN operations o ON o.ns = $1 AND o.op_id = i.op_id",
             )
-            .await?
-        {
+            .await?;
+        let mut existing = HashMap::new();
+        for row in tx.query(&find_ids, &[&ns, &ids]).await? {
             let seq: i64 = row.get(1);
             existing.insert(
                 row.get::<_, String>(0),
@@ -190,14 +191,16 @@ impl Storage for PostgresStore {
                 },
             );
         }
-        let mut heads = HashMap::new();
-        for row in tx
-            .query(
-                "SELECT story_id, MAX(seq) FROM operations WHERE ns = $1 AND story_id = ANY($2) GROUP BY story_id",
-                &[&ns, &stories],
+        let find_heads = tx
+            .prepare_cached(
+                "SELECT o.story_id, MAX(o.seq)
+                 FROM (SELECT DISTINCT story_id FROM UNNEST($2::text[]) AS s(story_id)) s
+                 JOIN operations o ON o.ns = $1 AND o.story_id = s.story_id
+                 GROUP BY o.story_id",
             )
-            .await?
-        {
+            .await?;
+        let mut heads = HashMap::new();
+        for row in tx.query(&find_heads, &[&ns, &stories]).await? {
             let seq: i64 = row.get(1);
             heads.insert(row.get::<_, String>(0), from_sql_seq(seq)?);
         }
@@ -213,17 +216,25 @@ impl Storage for PostgresStore {
                 .iter()
                 .map(|(story, _)| story.as_str())
                 .collect();
-            tx.execute(
-                "UPDATE operations SET live = false, body = NULL WHERE ns = $1 AND live AND story_id = ANY($2)",
-                &[&ns, &all],
-            )
-            .await?;
-            tx.execute(
-                "UPDATE operations SET live = false, body = NULL
-                 WHERE ns = $1 AND live AND op_type = 'metadata_update' AND story_id = ANY($2)",
-                &[&ns, &metadata_only],
-            )
-            .await?;
+            if !all.is_empty() {
+                let supersede_all = tx
+                    .prepare_cached(
+                        "UPDATE operations o SET live = false, body = NULL FROM UNNEST($2::text[]) AS s(story_id)
+                         WHERE o.ns = $1 AND o.live AND o.story_id = s.story_id",
+                    )
+                    .await?;
+                tx.execute(&supersede_all, &[&ns, &all]).await?;
+            }
+            if !metadata_only.is_empty() {
+                let supersede_metadata = tx
+                    .prepare_cached(
+                        "UPDATE operations o SET live = false, body = NULL FROM UNNEST($2::text[]) AS s(story_id)
+                         WHERE o.ns = $1 AND o.live AND o.op_type = 'metadata_update' AND o.story_id = s.story_id",
+                    )
+                    .await?;
+                tx.execute(&supersede_metadata, &[&ns, &metadata_only])
+                    .await?;
+            }
             let seqs: Vec<i64> = plan.rows.iter().map(|r| to_sql_seq(r.seq)).collect();
             let op_ids: Vec<&str> = plan.rows.iter().map(|r| r.op_id.as_str()).collect();
             let story_ids: Vec<&str> = plan.rows.iter().map(|r| r.story_id.as_str()).collect();
@@ -234,19 +245,34 @@ impl Storage for PostgresStore {
                 .iter()
                 .map(|r| r.live.then_some(r.json.as_str()))
                 .collect();
+            let insert = tx
+                .prepare_cached(
+                    "INSERT INTO operations (ns, seq, op_id, story_id, op_type, device_id, received_at, live, body)
+                     SELECT $1, u.seq, u.op_id, u.story_id, u.op_type, $2, $3, u.live, u.body
+                     FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::text[], $8::bool[], $9::text[])
+                       AS u(seq, op_id, story_id, op_type, live, body)",
+                )
+                .await?;
             tx.execute(
-                "INSERT INTO operations (ns, seq, op_id, story_id, op_type, device_id, received_at, live, body)
-                 SELECT $1, u.seq, u.op_id, u.story_id, u.op_type, $2, $3, u.live, u.body
-                 FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::text[], $8::bool[], $9::text[])
-                   AS u(seq, op_id, story_id, op_type, live, body)",
-                &[&ns, &device_id, &received_at, &seqs, &op_ids, &story_ids, &types, &live, &bodies],
+                &insert,
+                &[
+                    &ns,
+                    &device_id,
+                    &received_at,
+                    &seqs,
+                    &op_ids,
+                    &story_ids,
+                    &types,
+                    &live,
+                    &bodies,
+                ],
             )
             .await?;
-            tx.execute(
-                "UPDATE namespaces SET seq = $2 WHERE ns = $1",
-                &[&ns, &to_sql_seq(plan.version)],
-            )
-            .await?;
+            let advance = tx
+                .prepare_cached("UPDATE namespaces SET seq = $2 WHERE ns = $1")
+                .await?;
+            tx.execute(&advance, &[&ns, &to_sql_seq(plan.version)])
+                .await?;
             let notice = PushNotice {
                 server: self.server_id.clone(),
                 ns,
@@ -255,8 +281,8 @@ impl Storage for PostgresStore {
                 device: device_id.clone(),
             };
             let payload = serde_json::to_string(&notice)?;
-            tx.execute("SELECT pg_notify($1, $2)", &[&PUSH_CHANNEL, &payload])
-                .await?;
+            let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+            tx.execute(&notify, &[&PUSH_CHANNEL, &payload]).await?;
         }
         tx.commit().await?;
         plan.into_outcome()
