@@ -16,7 +16,7 @@ profile_flag := $(if $(filter release,$(PROFILE)),--release,)
 # build/<flavour>/, so builds must not run in parallel.
 .NOTPARALLEL:
 
-.PHONY: all build test conformance lint fmt bootstrap clean rock-build rock-install $(addprefix build-,$(FLAVOURS) lua5.3 lua5.2)
+.PHONY: all build test converge conformance lint fmt bootstrap clean rock-build rock-install $(addprefix build-,$(FLAVOURS) lua5.3 lua5.2)
 
 all: build
 
@@ -52,6 +52,13 @@ rock-install:
 
 test: bootstrap
 	@scripts/test.sh
+
+# Convergence against the reference server with many more seeds than `make test`.
+SEEDS ?= 2500
+converge: bootstrap
+	cargo build --release -p sync-server
+	WHISKER_SYNC_SEEDS=$(SEEDS) WHISKER_SYNC_SERVER=$(CURDIR)/target/release/whisker-sync-server \
+		cargo test --release -p sync-core --test convergence
 
 conformance: build
 	@scripts/conformance.sh

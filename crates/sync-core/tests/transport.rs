@@ -5,141 +5,21 @@
 //! oversized, malformed and gzip bodies). Every wait is bounded; servers
 //! started here are killed and their files deleted when a test ends.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sync_core::protocol::{OpType, Operation};
 use sync_core::transport::http::{HttpConfig, HttpError, HttpTransport};
 use sync_core::transport::websocket::{WsClient, WsConfig, WsError, WsEvent};
 use sync_core::value::Value;
-use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const KEY: &str = "transport-test-key";
-const WAIT: Duration = Duration::from_secs(15);
+mod support;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-fn server_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("WHISKER_SYNC_SERVER") {
-        return PathBuf::from(path);
-    }
-    // target/<profile>/deps/<this test> → target/<profile>/whisker-sync-server
-    let exe = std::env::current_exe().expect("test executable path");
-    let candidates = [
-        exe.parent()
-            .and_then(|deps| deps.parent())
-            .map(|p| p.join("whisker-sync-server")),
-        Some(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/debug/whisker-sync-server"),
-        ),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.exists())
-        .expect("whisker-sync-server not built: run `cargo build -p sync-server` (or set WHISKER_SYNC_SERVER)")
-}
-
-/// A reference server process with its own database.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    dir: TempDir,
-}
-
-impl Server {
-    fn start() -> Server {
-        Server::start_with(&[])
-    }
-
-    /// A server with extra `serve` arguments (paths relative to its directory).
-    fn start_with(extra: &[&str]) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = dir.path().join("sync.db");
-        let status = Command::new(server_binary())
-            .args(["keys", "add", "--key", KEY, "--db"])
-            .arg(&db)
-            .stdout(Stdio::null())
-            .status()
-            .expect("run whisker-sync-server keys add");
-        assert!(status.success(), "keys add failed");
-        Server::serve_with(dir, "127.0.0.1:0", extra)
-    }
-
-    fn serve(dir: TempDir, listen: &str) -> Server {
-        Server::serve_with(dir, listen, &[])
-    }
-
-    fn serve_with(dir: TempDir, listen: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(server_binary())
-            .current_dir(dir.path())
-            .args(["serve", "--listen", listen, "--db"])
-            .arg(dir.path().join("sync.db"))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start whisker-sync-server");
-        let stdout = child.stdout.take().expect("server stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = match rx.recv_timeout(WAIT) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("server did not start within {WAIT:?}");
-            }
-        };
-        let addr = line
-            .trim()
-            .rsplit("//")
-            .next()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected server banner {line:?}"));
-        Server { child, addr, dir }
-    }
-
-    fn http_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
-    }
-
-    fn stop(mut self) -> (TempDir, SocketAddr) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let addr = self.addr;
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
-        (dir, addr)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::{runtime, Server, KEY, WAIT};
 
 fn op(story: &str, device: &str) -> Operation {
     let mut op = Operation::new(OpType::Create, story, Some(Value::from("content")));

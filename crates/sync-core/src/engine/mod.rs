@@ -20,6 +20,8 @@
 //! 5. Only winners are applied; a winning remote delete deletes.
 
 mod bases;
+mod link;
+mod memory;
 mod scan;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,13 +34,14 @@ use crate::protocol::{
     self, last_write_wins, now_seconds, ConflictStrategy, ConflictType, OpType, Operation, Side,
 };
 use crate::state::{
-    self as state_mod, Baseline, ErrorUpdate, StateError, StateManager, StateStore, StoreError,
-    SyncRecord,
+    self as state_mod, Baseline, ErrorUpdate, StateError, StateManager, StateStore, SyncRecord,
 };
 use crate::value::{Map, Value};
 use crate::wire::ServerConflict;
 
 pub use bases::BaseStore;
+pub use link::HttpLink;
+pub use memory::{MemoryStorage, MemoryStore};
 pub use scan::validate_story_id;
 
 /// A failure reported by one of the engine's collaborators, already worded
@@ -1008,37 +1011,6 @@ pub fn write_outcome(
             write_story(storage, copy_id, conflict.local.data.as_ref())?;
             write_story(storage, &conflict.story_id, conflict.remote.data.as_ref())
         }
-    }
-}
-
-/// Sync state kept in memory only: for storages without a backend to
-/// persist into (the state lasts as long as the engine).
-#[derive(Debug, Default)]
-pub struct MemoryStore(BTreeMap<String, Value>);
-
-impl MemoryStore {
-    pub fn get(&self, key: &str) -> Option<&Value> {
-        self.0.get(key)
-    }
-}
-
-impl StateStore for MemoryStore {
-    fn load(&mut self, key: &str) -> Result<Option<Value>, StoreError> {
-        Ok(self.0.get(key).cloned())
-    }
-
-    fn save(&mut self, key: &str, value: &Value) -> Result<(), StoreError> {
-        self.0.insert(key.to_owned(), value.clone());
-        Ok(())
-    }
-
-    fn can_delete(&self) -> bool {
-        true
-    }
-
-    fn delete(&mut self, key: &str) -> Result<(), StoreError> {
-        self.0.remove(key);
-        Ok(())
     }
 }
 
