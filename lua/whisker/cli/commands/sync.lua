@@ -1156,7 +1156,7 @@ function SyncCommand:cmd_start()
       -- interpreter raise "interrupted!" at the next Lua call, and it must
       -- land here, not inside the engine's own calls, which absorb it.
       -- step() delivers WebSocket pushes, so they wait at most one slice.
-      sleep(POLL_SLICE)
+      sleep(self._poll_slice or POLL_SLICE)
     end
   end)
   pcall(engine.stop_sync, engine)
