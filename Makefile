@@ -16,7 +16,7 @@ profile_flag := $(if $(filter release,$(PROFILE)),--release,)
 # build/<flavour>/, so builds must not run in parallel.
 .NOTPARALLEL:
 
-.PHONY: all build test converge conformance lint fmt bootstrap clean rock-build rock-install $(addprefix build-,$(FLAVOURS) lua5.3 lua5.2)
+.PHONY: all build test converge conformance lint fmt bootstrap clean rock-build rock-install demo $(addprefix build-,$(FLAVOURS) lua5.3 lua5.2)
 
 all: build
 
@@ -49,9 +49,18 @@ rock-install:
 	install -d $(LIBDIR) $(LUADIR)
 	install -m 755 build/$(rock_flavour)/whisker_sync.so $(LIBDIR)/whisker_sync.so
 	cd lua && find . -name '*.lua' -exec install -D -m 644 {} $(LUADIR)/{} \;
+	$(if $(BINDIR),install -d $(BINDIR) && install -m 755 bin/whisker-sync $(BINDIR)/whisker-sync)
 
 test: bootstrap
 	@scripts/test.sh
+
+# demo: a server on a temporary SQLite file and two device folders synced
+# with the real `whisker sync` command (scripts/demo.sh). DEMO_LUA picks the
+# interpreter (lua5.4, lua5.1 or luajit).
+DEMO_LUA ?= lua5.4
+demo: build-$(DEMO_LUA)
+	$(CARGO) build -p sync-server $(profile_flag)
+	@DEMO_LUA=$(DEMO_LUA) WHISKER_SYNC_SERVER=$(CURDIR)/target/$(PROFILE)/whisker-sync-server scripts/demo.sh
 
 # Convergence against the reference server with many more seeds than `make test`.
 SEEDS ?= 2500
@@ -66,7 +75,7 @@ conformance: build
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	luacheck lua spec
+	luacheck lua spec bin/whisker-sync scripts/story.lua
 
 fmt:
 	cargo fmt --all

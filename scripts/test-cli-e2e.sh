@@ -7,7 +7,7 @@
 #
 #   scripts/test-cli-e2e.sh            (WHISKER_SYNC_SERVER=<binary> to use another server build)
 #
-# Ends with "cli-e2e: N passed, N failed"; exits non-zero when a check failed.
+# Ends with "cli: N passed, N failed"; exits non-zero when a check failed.
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -228,5 +228,5 @@ if ((${#scenarios[@]})); then
   check "status with the server down" grep -q "Last sync: " "$work/out"
 fi
 
-echo "cli-e2e: $passed passed, $failed failed"
+echo "cli: $passed passed, $failed failed"
 ((failed == 0))

@@ -75,7 +75,7 @@ check "cargo fmt" cargo fmt --all --check
 check "cargo clippy" cargo clippy --workspace --all-targets --quiet -- -D warnings
 check "cargo clippy (lua5.1)" cargo clippy -p whisker-sync --all-targets --quiet \
   --no-default-features --features lua51 -- -D warnings
-check "luacheck" luacheck --quiet lua spec
+check "luacheck" luacheck --quiet lua spec bin/whisker-sync scripts/story.lua
 check "build native module (${flavours[*]})" make --no-print-directory build
 
 counted "cargo test" cargo cargo test --workspace
@@ -94,6 +94,9 @@ for flavour in "${flavours[@]}"; do
   counted "busted ($flavour)" busted "$flavour" "$(command -v busted)" -o plainTerminal \
     --lpath="$lpath" --cpath="$root/build/$flavour/?.so" spec
 done
+
+counted "whisker sync end to end (real server)" summary scripts/test-cli-e2e.sh
+check "demo (scripts/demo.sh)" scripts/demo.sh
 
 check "LuaRocks install (lua5.4, lua5.1)" scripts/test-rock.sh
 

@@ -1109,8 +1109,11 @@ function SyncCommand:cmd_start()
 
   local interval = tonumber(config.sync_interval) or SyncCommand.DEFAULT_INTERVAL
   self:_print("✓ Sync started")
-  self:_print("  Checking for updates every " .. int(interval / 1000) .. "s"
-    .. (interval < 1000 and (" (" .. int(interval) .. "ms)") or ""))
+  if interval < 1000 then
+    self:_print("  Checking for updates every " .. int(interval) .. "ms")
+  else
+    self:_print("  Checking for updates every " .. int(interval / 1000) .. "s")
+  end
   self:_print("  Device: " .. ctx.state:get_device_id())
   self:_print("  Server: " .. tostring(config.url) .. " (" .. tostring(config.transport or "http") .. ")")
   self:_print("")
