@@ -14,6 +14,7 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMe
 use futures_util::StreamExt;
 use sync_core::Operation;
 use tokio::sync::mpsc;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, IsolationLevel, NoTls};
 
 use super::sqlite::{finish_page, stored_op};
@@ -75,8 +76,20 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects, and creates the schema if it is missing.
     pub async fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
-        let config = tokio_postgres::Config::from_str(url)
+        let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::DatabaseUrl(e.to_string()))?;
+        // Session settings for our own connections:
+        // - plan every execution for the table as it is now: a generic plan cached
+        //   while the table was small would go on scanning it whole as it grows;
+        // - no bitmap scans: every query here is a point lookup or an ordered
+        //   range read with LIMIT, and a bitmap scan (chosen when statistics lag
+        //   behind a fast-growing table) reads and sorts every matching row.
+        const SESSION: &str = "-c plan_cache_mode=force_custom_plan -c enable_bitmapscan=off";
+        let options = match config.get_options() {
+            Some(given) => format!("{given} {SESSION}"),
+            None => SESSION.to_owned(),
+        };
+        config.options(options);
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -171,17 +184,30 @@ impl Storage for PostgresStore {
         let start: i64 = tx.query_one(&lock_namespace, &[&ns]).await?.get(0);
 
         // Arrays are joined with UNNEST rather than matched with `= ANY($2)`:
-        // planning `ANY` over a 100-element array costs milliseconds.
+        // planning `ANY` over a 100-element array costs milliseconds. The two
+        // lookups are pipelined (sent together, one round trip).
         let ids: Vec<&str> = ops.iter().map(|op| op.id.as_str()).collect();
         let stories: Vec<&str> = ops.iter().map(|op| op.story_id.as_str()).collect();
-        let find_ids = tx
-            .prepare_cached(
+        let (find_ids, find_heads) = tokio::try_join!(
+            tx.prepare_cached(
                 "SELECT o.op_id, o.seq, o.story_id FROM UNNEST($2::text[]) AS i(op_id)
                  JOIN operations o ON o.ns = $1 AND o.op_id = i.op_id",
-            )
-            .await?;
+            ),
+            tx.prepare_cached(
+                "SELECT o.story_id, MAX(o.seq)
+                 FROM (SELECT DISTINCT story_id FROM UNNEST($2::text[]) AS s(story_id)) s
+                 JOIN operations o ON o.ns = $1 AND o.story_id = s.story_id
+                 GROUP BY o.story_id",
+            ),
+        )?;
+        let id_params: [&(dyn ToSql + Sync); 2] = [&ns, &ids];
+        let head_params: [&(dyn ToSql + Sync); 2] = [&ns, &stories];
+        let (found_ids, found_heads) = tokio::try_join!(
+            tx.query(&find_ids, &id_params),
+            tx.query(&find_heads, &head_params),
+        )?;
         let mut existing = HashMap::new();
-        for row in tx.query(&find_ids, &[&ns, &ids]).await? {
+        for row in found_ids {
             let seq: i64 = row.get(1);
             existing.insert(
                 row.get::<_, String>(0),
@@ -191,16 +217,8 @@ impl Storage for PostgresStore {
                 },
             );
         }
-        let find_heads = tx
-            .prepare_cached(
-                "SELECT o.story_id, MAX(o.seq)
-                 FROM (SELECT DISTINCT story_id FROM UNNEST($2::text[]) AS s(story_id)) s
-                 JOIN operations o ON o.ns = $1 AND o.story_id = s.story_id
-                 GROUP BY o.story_id",
-            )
-            .await?;
         let mut heads = HashMap::new();
-        for row in tx.query(&find_heads, &[&ns, &stories]).await? {
+        for row in found_heads {
             let seq: i64 = row.get(1);
             heads.insert(row.get::<_, String>(0), from_sql_seq(seq)?);
         }
@@ -216,45 +234,54 @@ impl Storage for PostgresStore {
                 .iter()
                 .map(|(story, _)| story.as_str())
                 .collect();
-            if !all.is_empty() {
-                let supersede_all = tx
-                    .prepare_cached(
-                        "UPDATE operations o SET live = false, body = NULL FROM UNNEST($2::text[]) AS s(story_id)
-                         WHERE o.ns = $1 AND o.live AND o.story_id = s.story_id",
-                    )
-                    .await?;
-                tx.execute(&supersede_all, &[&ns, &all]).await?;
-            }
-            if !metadata_only.is_empty() {
-                let supersede_metadata = tx
-                    .prepare_cached(
-                        "UPDATE operations o SET live = false, body = NULL FROM UNNEST($2::text[]) AS s(story_id)
-                         WHERE o.ns = $1 AND o.live AND o.op_type = 'metadata_update' AND o.story_id = s.story_id",
-                    )
-                    .await?;
-                tx.execute(&supersede_metadata, &[&ns, &metadata_only])
-                    .await?;
-            }
-            let seqs: Vec<i64> = plan.rows.iter().map(|r| to_sql_seq(r.seq)).collect();
-            let op_ids: Vec<&str> = plan.rows.iter().map(|r| r.op_id.as_str()).collect();
-            let story_ids: Vec<&str> = plan.rows.iter().map(|r| r.story_id.as_str()).collect();
-            let types: Vec<&str> = plan.rows.iter().map(|r| r.op_type.as_str()).collect();
-            let live: Vec<bool> = plan.rows.iter().map(|r| r.live).collect();
-            let bodies: Vec<Option<&str>> = plan
-                .rows
+            let rows = &plan.rows;
+            let seqs: Vec<i64> = rows.iter().map(|r| to_sql_seq(r.seq)).collect();
+            let op_ids: Vec<&str> = rows.iter().map(|r| r.op_id.as_str()).collect();
+            let story_ids: Vec<&str> = rows.iter().map(|r| r.story_id.as_str()).collect();
+            let types: Vec<&str> = rows.iter().map(|r| r.op_type.as_str()).collect();
+            let live: Vec<bool> = rows.iter().map(|r| r.live).collect();
+            let bodies: Vec<Option<&str>> = rows
                 .iter()
                 .map(|r| r.live.then_some(r.json.as_str()))
                 .collect();
-            let insert = tx
+            let notice = PushNotice {
+                server: self.server_id.clone(),
+                ns,
+                from: rows[0].seq,
+                to: plan.version,
+                device: device_id.clone(),
+            };
+            let payload = serde_json::to_string(&notice)?;
+            // Every write in one statement: one round trip while the namespace is
+            // locked. The sub-statements share one snapshot, so the superseding
+            // UPDATEs never see the rows inserted beside them (and they touch
+            // disjoint stories). The NOTIFY is delivered at commit.
+            let write = tx
                 .prepare_cached(
-                    "INSERT INTO operations (ns, seq, op_id, story_id, op_type, device_id, received_at, live, body)
-                     SELECT $1, u.seq, u.op_id, u.story_id, u.op_type, $2, $3, u.live, u.body
-                     FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::text[], $8::bool[], $9::text[])
-                       AS u(seq, op_id, story_id, op_type, live, body)",
+                    "WITH superseded AS (
+                         UPDATE operations o SET live = false, body = NULL
+                         FROM UNNEST($10::text[]) AS s(story_id)
+                         WHERE o.ns = $1 AND o.live AND o.story_id = s.story_id
+                     ), superseded_metadata AS (
+                         UPDATE operations o SET live = false, body = NULL
+                         FROM UNNEST($11::text[]) AS s(story_id)
+                         WHERE o.ns = $1 AND o.live AND o.op_type = 'metadata_update'
+                           AND o.story_id = s.story_id
+                     ), inserted AS (
+                         INSERT INTO operations
+                           (ns, seq, op_id, story_id, op_type, device_id, received_at, live, body)
+                         SELECT $1, u.seq, u.op_id, u.story_id, u.op_type, $2, $3, u.live, u.body
+                         FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::text[],
+                                     $8::bool[], $9::text[])
+                           AS u(seq, op_id, story_id, op_type, live, body)
+                     ), advanced AS (
+                         UPDATE namespaces SET seq = $12 WHERE ns = $1
+                     )
+                     SELECT pg_notify($13, $14)",
                 )
                 .await?;
-            tx.execute(
-                &insert,
+            tx.query(
+                &write,
                 &[
                     &ns,
                     &device_id,
@@ -265,24 +292,14 @@ impl Storage for PostgresStore {
                     &types,
                     &live,
                     &bodies,
+                    &all,
+                    &metadata_only,
+                    &to_sql_seq(plan.version),
+                    &PUSH_CHANNEL,
+                    &payload,
                 ],
             )
             .await?;
-            let advance = tx
-                .prepare_cached("UPDATE namespaces SET seq = $2 WHERE ns = $1")
-                .await?;
-            tx.execute(&advance, &[&ns, &to_sql_seq(plan.version)])
-                .await?;
-            let notice = PushNotice {
-                server: self.server_id.clone(),
-                ns,
-                from: plan.rows[0].seq,
-                to: plan.version,
-                device: device_id.clone(),
-            };
-            let payload = serde_json::to_string(&notice)?;
-            let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
-            tx.execute(&notify, &[&PUSH_CHANNEL, &payload]).await?;
         }
         tx.commit().await?;
         plan.into_outcome()
