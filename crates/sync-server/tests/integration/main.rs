@@ -53,7 +53,7 @@ fn main() {
         operations::restart_keeps_data on BOTH,
         operations::keys_cli on BOTH,
         operations::health_and_metrics on BOTH,
-        operations::graceful_shutdown_closes_sockets on BOTH,
+        operations::graceful_shutdown on BOTH,
         operations::tls on SQLITE,
         operations::base_path on SQLITE,
     ];

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
     expect_status, fail, file_in, ids, op, Api, Backend, Database, TestResult, Ws,
@@ -167,16 +168,46 @@ pub async fn health_and_metrics(backend: Backend) -> TestResult {
     Ok(())
 }
 
-pub async fn graceful_shutdown_closes_sockets(backend: Backend) -> TestResult {
+pub async fn graceful_shutdown(backend: Backend) -> TestResult {
     let db = Database::new(backend).await?;
     let key = db.add_key("main", KEY)?;
     let server = db.start(&[])?;
     let mut socket = Ws::authenticated(&server.ws_url("/ws"), &key, None).await?;
     let pid = server.pid().ok_or_else(|| fail("no pid"))?;
-    crate::support::signal(pid, "INT")?;
-    assert_eq!(socket.closed().await?, Some(1001));
+
+    // A push whose body is still arriving when the signal comes is finished and stored.
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let body =
+        json!({"device_id": "d1", "operations": [op("late", "create", "s1", Some("in flight"))]})
+            .to_string();
+    let (head, tail) = body.split_at(body.len() / 2);
+    let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+    let request = format!(
+        "POST /operations HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{head}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    crate::support::signal(pid, "TERM")?;
+    assert_eq!(
+        socket.closed().await?,
+        Some(1001),
+        "WebSockets are closed with 1001"
+    );
+    stream.write_all(tail.as_bytes()).await?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer)).await??;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains(r#""accepted":[{"op_id":"late","version":1}]"#),
+        "{answer}"
+    );
+
     let status = server.wait_exit()?;
     assert!(status.success(), "{status}");
+    let server = db.start(&[])?;
+    assert_eq!(Api::new(&server, Some(&key)).version().await?, 1);
     Ok(())
 }
 
