@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use sync_core::protocol::now_seconds;
 use thiserror::Error;
 
-use crate::config::{parse_duration, Limits, Settings};
+use crate::config::{parse_duration, parse_origin, Limits, Settings};
 use crate::keys::{self, KeyError};
 use crate::server::{self, ServeError, ServeOptions};
 use crate::store::{KeyRecord, PostgresStore, SqliteDurability, SqliteStore, Storage, StoreError};
@@ -91,6 +91,9 @@ pub struct ServeArgs {
     /// Close a WebSocket that sends nothing (not even a pong) for this long.
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
     pub ws_idle_timeout: Duration,
+    /// Let web pages from this origin call the API (CORS); repeat for several, `*` for any.
+    #[arg(long = "cors-origin", value_parser = parse_origin)]
+    pub cors_origins: Vec<String>,
     /// On SIGINT/SIGTERM, time allowed for in-flight requests to finish.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
@@ -111,6 +114,7 @@ impl ServeArgs {
             ws_auth_timeout: self.ws_auth_timeout,
             ws_ping_interval: self.ws_ping_interval,
             ws_idle_timeout: self.ws_idle_timeout,
+            cors_origins: self.cors_origins.clone(),
         }
     }
 

@@ -41,6 +41,9 @@ pub struct Settings {
     pub ws_ping_interval: Duration,
     /// A WebSocket that sends nothing (not even a pong) for this long is closed.
     pub ws_idle_timeout: Duration,
+    /// Browser origins allowed to call the HTTP API (CORS); `*` allows any.
+    /// Empty: no CORS headers (non-browser clients do not need them).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for Settings {
@@ -51,6 +54,7 @@ impl Default for Settings {
             ws_auth_timeout: Duration::from_secs(10),
             ws_ping_interval: Duration::from_secs(30),
             ws_idle_timeout: Duration::from_secs(120),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -81,6 +85,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// Checks a `--cors-origin` value: `*` or `scheme://host[:port]`.
+pub fn parse_origin(text: &str) -> Result<String, String> {
+    let valid = text == "*"
+        || text.split_once("://").is_some_and(|(scheme, host)| {
+            matches!(scheme, "http" | "https")
+                && !host.is_empty()
+                && !host.contains('/')
+                && host.bytes().all(|b| b.is_ascii_graphic())
+        });
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("`{text}` is not an origin (examples: https://editor.example.com, http://localhost:5173, *)"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +113,14 @@ mod tests {
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86400)));
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn origins() {
+        assert!(parse_origin("https://editor.example.com").is_ok());
+        assert!(parse_origin("http://localhost:5173").is_ok());
+        assert!(parse_origin("*").is_ok());
+        assert!(parse_origin("editor.example.com").is_err());
+        assert!(parse_origin("https://x/path").is_err());
     }
 }

@@ -1,13 +1,14 @@
 //! HTTP routes and the router.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{middleware, Json, Router};
@@ -15,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 use sync_core::wire::{PushResponse, VersionResponse};
+use tower::Layer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::error::AppError;
 use crate::keys;
@@ -27,6 +30,7 @@ use crate::ws;
 /// The whole HTTP and WebSocket API, under `base_path` (empty or `/` for the root).
 pub fn router<S: Storage>(state: Arc<AppState<S>>, base_path: &str) -> Router {
     let body_limit = state.settings.limits.max_body_bytes;
+    let cors = cors(&state.settings.cors_origins);
     let api = Router::new()
         .route(
             "/operations",
@@ -45,12 +49,38 @@ pub fn router<S: Storage>(state: Arc<AppState<S>>, base_path: &str) -> Router {
             track,
         ))
         .with_state(state);
+    // CORS wraps the whole router, so preflight requests (OPTIONS) are
+    // answered before routing would refuse their method.
+    let api = match cors {
+        Some(cors) => Router::new().fallback_service(cors.layer(api)),
+        None => api,
+    };
     let base_path = base_path.trim_end_matches('/');
     if base_path.is_empty() {
         api
     } else {
         Router::new().nest(base_path, api).fallback(not_found)
     }
+}
+
+/// CORS for browser clients (the web editor): preflights are answered before
+/// authentication; only the configured origins may read responses.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([AUTHORIZATION, CONTENT_TYPE])
+            .max_age(Duration::from_secs(3600)),
+    )
 }
 
 /// The namespace of the request's `Authorization: Bearer <key>`; 401 otherwise.

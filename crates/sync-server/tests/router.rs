@@ -109,3 +109,36 @@ async fn every_error_is_json() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["service"], "whisker-sync-server");
 }
+
+#[tokio::test]
+async fn cors_for_configured_origins() {
+    let (app, _dir) = app(Settings {
+        cors_origins: vec!["https://editor.example.com".into()],
+        ..Settings::default()
+    })
+    .await;
+    let preflight = Request::options("/operations")
+        .header(header::ORIGIN, "https://editor.example.com")
+        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+        .header(
+            header::ACCESS_CONTROL_REQUEST_HEADERS,
+            "authorization,content-type",
+        )
+        .body(Body::empty())
+        .expect("request");
+    let response = app.clone().oneshot(preflight).await.expect("infallible");
+    assert!(response.status().is_success());
+    assert_eq!(
+        response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://editor.example.com"
+    );
+    let mut request = get("/version?device=d");
+    request.headers_mut().insert(
+        header::ORIGIN,
+        "https://elsewhere.example.com".parse().expect("origin"),
+    );
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    assert!(!response
+        .headers()
+        .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
+}
