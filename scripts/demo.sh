@@ -111,7 +111,8 @@ holdings
 
 step "7. Auto-sync: the laptop runs 'whisker sync start'; the desktop keeps writing"
 say "(laptop) whisker sync start &"
-(cd "$work/laptop" && exec env WHISKER_SYNC_LUA="$lua" "$root/bin/whisker-sync" start) >"$work/start.log" 2>&1 &
+(trap - EXIT INT TERM && cd "$work/laptop" && exec env WHISKER_SYNC_LUA="$lua" "$root/bin/whisker-sync" start) \
+  >"$work/start.log" 2>&1 &
 start_pid=$!
 for _ in $(seq 100); do
   grep -q 'up to date\|synced' "$work/start.log" && break
@@ -120,7 +121,8 @@ done
 edit desktop save epilogue "Epilogue, written on the desktop"
 sync desktop now
 for _ in $(seq 100); do
-  (cd "$work/laptop" && "$lua" "$root/scripts/story.lua" list) | grep -q '^epilogue ' && break
+  listing=$(cd "$work/laptop" && "$lua" "$root/scripts/story.lua" list)
+  grep -q '^epilogue ' <<<"$listing" && break
   sleep 0.1
 done
 sync laptop stop

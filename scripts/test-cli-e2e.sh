@@ -106,8 +106,15 @@ run_scenario() {
     (cd "$dir" && env "${core_env[@]}" "$lua" "$root/scripts/story.lua" "$@")
   }
   has() { grep -qF -- "$1" "$work/out"; }
-  lists() { story "$1" list | grep -qE "^$2 +$3\$"; }
-  lacks() { ! story "$1" list | grep -qE "^$2 "; }
+  # (the listing is captured first: `grep -q` exiting early would break the pipe)
+  lists() {
+    local listing
+    listing=$(story "$1" list) && grep -qE "^$2 +$3\$" <<<"$listing"
+  }
+  lacks() {
+    local listing
+    listing=$(story "$1" list) && ! grep -qE "^$2 " <<<"$listing"
+  }
 
   check "config A" ws "$a" config --url "$url" --key "key-$name" --transport "$transport" --device-name A
   check "config file is private (0600)" test "$(stat -c %a "$a/.whisker-sync-config.json")" = 600
@@ -134,7 +141,7 @@ run_scenario() {
   check "  ... is JSON" has '"total_syncs":1'
 
   # Auto-sync on B in the background; A edits and deletes; B follows.
-  (cd "$b" && exec env "${core_env[@]}" WHISKER_SYNC_LUA="$lua" "$root/bin/whisker-sync" start) \
+  (trap - EXIT && cd "$b" && exec env "${core_env[@]}" WHISKER_SYNC_LUA="$lua" "$root/bin/whisker-sync" start) \
     >"$work/start.log" 2>&1 </dev/null &
   local start_pid=$!
   bg_pids+=("$start_pid")
@@ -163,18 +170,21 @@ run_scenario() {
   check "stop with nothing running" ws "$b" stop
   check "  ... says so" has "No running sync found"
 
-  # Ctrl+C (SIGINT) ends a running start cleanly.
-  (cd "$b" && exec env "${core_env[@]}" WHISKER_SYNC_LUA="$lua" "$root/bin/whisker-sync" start) \
-    >"$work/start.log" 2>&1 </dev/null &
+  # Ctrl+C (SIGINT) ends a running start cleanly. The signal is sent once
+  # the command has printed its first sync (a fresh log, so nothing stale
+  # matches), i.e. once the Lua interpreter runs it.
+  : >"$work/start2.log"
+  (trap - EXIT && cd "$b" && exec env "${core_env[@]}" WHISKER_SYNC_LUA="$lua" "$root/bin/whisker-sync" start) \
+    >"$work/start2.log" 2>&1 </dev/null &
   start_pid=$!
   bg_pids+=("$start_pid")
-  wait_for 10 grep -q "up to date\|synced" "$work/start.log"
+  wait_for 10 grep -q "up to date\|synced" "$work/start2.log"
   kill -INT "$start_pid"
   rc=0
   wait "$start_pid" || rc=$?
-  last_out="$work/start.log"
+  last_out="$work/start2.log"
   check "Ctrl+C stops start with exit 0" test "$rc" = 0
-  check "  ... cleanly" grep -qF "✓ Sync stopped (interrupted)" "$work/start.log"
+  check "  ... cleanly" grep -qF "✓ Sync stopped (interrupted)" "$work/start2.log"
   last_out="$work/out"
   check "  ... and removes the pid file" test ! -e "$b/.whisker-storage/.whisker-sync.pid"
 
