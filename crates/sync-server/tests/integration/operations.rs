@@ -6,7 +6,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
-    expect_status, fail, file_in, ids, op, Api, Backend, Database, TestResult, Ws,
+    expect_status, fail, file_in, ids, op, Api, Backend, Database, Signal, TestResult, Ws,
 };
 
 const KEY: &str = "ops-key-0123456789";
@@ -24,10 +24,10 @@ pub async fn restart_keeps_data(backend: Backend) -> TestResult {
         ],
     )
     .await?;
-    let status = server.stop()?;
+    let status = server.stop(Signal::Interrupt)?;
     assert!(
         status.success(),
-        "SIGTERM should end the server cleanly, got {status}"
+        "SIGINT should end the server cleanly, got {status}"
     );
 
     let server = db.start(&[])?;
@@ -189,7 +189,7 @@ pub async fn graceful_shutdown(backend: Backend) -> TestResult {
     );
     stream.write_all(request.as_bytes()).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    crate::support::signal(pid, "TERM")?;
+    crate::support::signal(pid, Signal::Term)?;
     assert_eq!(
         socket.closed().await?,
         Some(1001),

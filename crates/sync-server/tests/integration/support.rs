@@ -309,10 +309,10 @@ impl Server {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Sends SIGTERM and waits (bounded) for a clean exit.
-    pub fn stop(mut self) -> Result<ExitStatus, Box<dyn Error + Send + Sync>> {
+    /// Sends `signal` and waits (bounded) for the exit.
+    pub fn stop(mut self, signal_kind: Signal) -> Result<ExitStatus, Box<dyn Error + Send + Sync>> {
         let mut child = self.child.take().ok_or_else(|| fail("already stopped"))?;
-        signal(child.id(), "TERM")?;
+        signal(child.id(), signal_kind)?;
         wait_bounded(&mut child, STOP_TIMEOUT)
     }
 
@@ -323,16 +323,24 @@ impl Server {
     }
 }
 
-pub fn signal(pid: u32, name: &str) -> TestResult {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(fail(format!("kill -{name} {pid} failed")))
-    }
+/// Sends SIGTERM or SIGINT to a process.
+pub fn signal(pid: u32, signal: Signal) -> TestResult {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| fail(format!("bad pid {pid}")))?;
+    let signal = match signal {
+        Signal::Term => rustix::process::Signal::TERM,
+        Signal::Interrupt => rustix::process::Signal::INT,
+    };
+    rustix::process::kill_process(pid, signal)?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Signal {
+    Term,
+    Interrupt,
 }
 
 impl Drop for Server {
