@@ -34,6 +34,9 @@ use crate::validate::{self, check_depth, InvalidInput};
 /// Messages queued for one client before it counts as too slow and is evicted.
 const OUTBOX_CAPACITY: usize = 4096;
 
+/// How long a closing session waits for its last messages to be written.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Close codes (RFC 6455 §7.4.1).
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -104,7 +107,7 @@ async fn session<S: Storage>(socket: WebSocket, state: Arc<AppState<S>>) {
         .metrics
         .websocket_connections
         .fetch_add(1, Ordering::Relaxed);
-    let writer = tokio::spawn(write_loop(sink, queue, state.settings.ws_ping_interval));
+    let mut writer = tokio::spawn(write_loop(sink, queue, state.settings.ws_ping_interval));
 
     let session = Session {
         state: &state,
@@ -119,10 +122,16 @@ async fn session<S: Storage>(socket: WebSocket, state: Arc<AppState<S>>) {
         .metrics
         .websocket_connections
         .fetch_sub(1, Ordering::Relaxed);
-    // Waits for queued answers to go out first; fails only if the writer is gone.
-    let _ = outbox.send(Outbound::Close { code, reason }).await;
-    drop(outbox);
-    let _ = writer.await;
+    // Queued answers go out before the close frame, unless the client stopped
+    // reading: then the connection is dropped after CLOSE_TIMEOUT.
+    let closing = async {
+        let _ = outbox.send(Outbound::Close { code, reason }).await;
+        drop(outbox);
+        let _ = (&mut writer).await;
+    };
+    if timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+        writer.abort();
+    }
 }
 
 /// Waits for the `auth` message and checks its key. Control frames are skipped;
