@@ -77,7 +77,11 @@ fn cluster_url() -> Result<String, String> {
                         (scripts/bootstrap.sh does), or set WHISKER_SKIP_PG=1 to skip the PostgreSQL tests"
                 .to_owned());
         }
+        // Reachable by others: as root the cluster runs as the `postgres` user,
+        // which must get into the directory whatever the umask.
         let dir = TempDir::new().map_err(|e| e.to_string())?;
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
         let output = Command::new("bash")
             .arg(PG_SCRIPT)
             .arg("start")
