@@ -254,7 +254,8 @@ describe("sync engine", function()
         assert.is_number(p.items_total)
       end
       assert.equal(1, completed.operations_pushed)
-      assert.is_true(completed.bytes_sent > 0)
+      -- Bytes come from the transport's own counters; this one has none.
+      assert.equal(0, completed.bytes_sent)
     end)
 
     it("survives a failing listener", function()
@@ -265,6 +266,22 @@ describe("sync engine", function()
       engine:on("sync_completed", function() after = true end)
       assert.is_true(engine:sync_now())
       assert.is_true(after)
+    end)
+
+    it("lets an interrupt (Ctrl-C) through instead of reporting a failed sync", function()
+      local storage = story_service()
+      storage:save_story("s1", { title = "T" })
+      local engine = SyncEngine.new({ storage = storage, transport = scripted_transport() })
+      local interrupt = true
+      engine:on("sync_progress", function()
+        if interrupt then
+          interrupt = false
+          error("interrupted!")
+        end
+      end)
+      assert.has_error(function() engine:sync_now() end, "interrupted!")
+      assert.equal("idle", engine:get_sync_status())
+      assert.is_true(engine:sync_now())
     end)
 
     it("refuses to sync inside a sync", function()
@@ -330,7 +347,11 @@ describe("sync engine", function()
 
     it("leaves a conflict for the user when there is no resolver", function()
       local engine, storage, transport = conflicting({ conflict_strategy = "manual" })
+      local completed
+      engine:on("sync_completed", function(data) completed = data end)
       assert.is_true(engine:sync_now())
+      assert.equal(0, completed.conflicts_resolved)
+      assert.equal(1, completed.conflicts_pending)
       assert.equal("Local", storage.stories.s1.data.title)
       local pending = engine:get_conflicts()
       assert.equal(1, #pending)
@@ -432,9 +453,11 @@ describe("syncing through the reference server", function()
     end
     assert(a.engine:sync_now())
     local before = a.state:get_stats()
+    assert.is_true(before.bandwidth_sent_bytes > 50 * 500)
     assert(a.engine:sync_now())
     local after = a.state:get_stats()
     assert.equal(before.bandwidth_sent_bytes, after.bandwidth_sent_bytes)
+    assert.is_true(after.bandwidth_received_bytes - before.bandwidth_received_bytes < 1024)
   end)
 
   it("applies a change pushed over WebSocket within a second", function()

@@ -25,7 +25,7 @@ use sync_core::engine::{
     Transport,
 };
 use sync_core::protocol::{now_seconds, ConflictStrategy, ConflictType, OpType, Operation};
-use sync_core::state::{operation_value, status, StateManager};
+use sync_core::state::{status, StateManager};
 use sync_core::value::Value;
 use sync_core::wire::ServerConflict;
 
@@ -71,6 +71,30 @@ fn handle_of(this: &Table) -> mlua::Result<mlua::UserDataRef<EngineHandle>> {
         .borrow::<EngineHandle>()
 }
 
+thread_local! {
+    /// Set when a Lua callback failed because the interpreter was interrupted
+    /// (Ctrl-C raises "interrupted!" from a hook in whatever Lua code runs).
+    static INTERRUPTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The message of a failed Lua call; notes an interrupt so that the engine
+/// stops and re-raises it instead of reporting a failed sync.
+fn callback_message(error: &mlua::Error) -> String {
+    let message = lua_error_message(error);
+    if message.contains("interrupted!") {
+        INTERRUPTED.set(true);
+    }
+    message
+}
+
+/// Raises "interrupted!" if a callback was interrupted since the last check.
+fn take_interrupt() -> mlua::Result<()> {
+    if INTERRUPTED.replace(false) {
+        return Err(mlua::Error::runtime("interrupted!"));
+    }
+    Ok(())
+}
+
 /// A Lua function at `table[name]`, if there is one.
 fn method(table: &Table, name: &str) -> Option<Function> {
     match table.get::<LuaValue>(name) {
@@ -96,6 +120,33 @@ fn refusal(values: &MultiValue) -> Option<String> {
 
 fn first(values: MultiValue) -> LuaValue {
     values.into_iter().next().unwrap_or(LuaValue::Nil)
+}
+
+/// An operation as a new Lua table (the fields of its JSON form).
+fn operation_table(lua: &Lua, op: &Operation) -> mlua::Result<Table> {
+    let table = lua.create_table_with_capacity(0, 8 + op.extra.len())?;
+    for (key, value) in &op.extra {
+        table.raw_set(key.as_str(), to_lua(lua, value)?)?;
+    }
+    table.raw_set("id", op.id.as_str())?;
+    table.raw_set("type", op.op_type.as_str())?;
+    table.raw_set("story_id", op.story_id.as_str())?;
+    if let Some(data) = &op.data {
+        table.raw_set("data", to_lua(lua, data)?)?;
+    }
+    let metadata = lua.create_table()?;
+    for (key, value) in &op.metadata {
+        metadata.raw_set(key.as_str(), to_lua(lua, value)?)?;
+    }
+    table.raw_set("metadata", metadata)?;
+    table.raw_set("timestamp", integer(op.timestamp))?;
+    table.raw_set("device_id", op.device_id.as_str())?;
+    for (key, version) in [("base_version", op.base_version), ("version", op.version)] {
+        if let Some(version) = version {
+            table.raw_set(key, integer(i64::try_from(version).unwrap_or(i64::MAX)))?;
+        }
+    }
+    Ok(table)
 }
 
 /// The storage handed to the engine, as the engine's [`Storage`].
@@ -126,7 +177,7 @@ impl LuaStorage {
         let values = f.call::<MultiValue>((storage.clone(), args)).map_err(|e| {
             HostError(format!(
                 "storage {name} raised an error: {}",
-                lua_error_message(&e)
+                callback_message(&e)
             ))
         })?;
         Ok((values, name))
@@ -171,8 +222,7 @@ impl Storage for LuaStorage {
         };
         let mut stories = Vec::new();
         for entry in entries.sequence_values::<LuaValue>() {
-            let LuaValue::Table(entry) = entry.map_err(|e| HostError(lua_error_message(&e)))?
-            else {
+            let LuaValue::Table(entry) = entry.map_err(|e| HostError(callback_message(&e)))? else {
                 continue;
             };
             let id = match (entry.get::<LuaValue>("id"), entry.get::<LuaValue>("key")) {
@@ -201,7 +251,7 @@ impl Storage for LuaStorage {
             story @ LuaValue::Table(_) => match from_lua(&self.lua, story) {
                 Ok(Ok(value)) => Ok(Some(value)),
                 Ok(Err(e)) => Err(HostError(format!("story '{id}' cannot be synced: {e}"))),
-                Err(e) => Err(HostError(lua_error_message(&e))),
+                Err(e) => Err(HostError(callback_message(&e))),
             },
             other => Err(HostError(format!(
                 "storage {label}('{id}') returned a {}, not a story table",
@@ -211,7 +261,7 @@ impl Storage for LuaStorage {
     }
 
     fn save(&mut self, id: &str, story: &Value) -> Result<(), HostError> {
-        let table = to_lua(&self.lua, story).map_err(|e| HostError(lua_error_message(&e)))?;
+        let table = to_lua(&self.lua, story).map_err(|e| HostError(callback_message(&e)))?;
         self.write(["save_story", "save"], id, Some(table), false)
     }
 
@@ -226,7 +276,7 @@ impl Storage for LuaStorage {
         if method(storage, "update_metadata").is_none() {
             return Ok(false);
         }
-        let table = to_lua(&self.lua, metadata).map_err(|e| HostError(lua_error_message(&e)))?;
+        let table = to_lua(&self.lua, metadata).map_err(|e| HostError(callback_message(&e)))?;
         self.write(
             ["update_metadata", "update_metadata"],
             id,
@@ -253,7 +303,7 @@ impl LuaTransport {
             .map_err(|e| {
                 HostError(format!(
                     "transport {name} raised an error: {}",
-                    lua_error_message(&e)
+                    callback_message(&e)
                 ))
             })?;
         if let Some(reason) = refusal(&values) {
@@ -276,7 +326,7 @@ impl LuaTransport {
                 .map_err(|e| {
                     HostError(format!(
                         "transport is_connected raised an error: {}",
-                        lua_error_message(&e)
+                        callback_message(&e)
                     ))
                 })?;
             if !up {
@@ -288,11 +338,25 @@ impl LuaTransport {
         Ok(())
     }
 
-    fn json_size(values: &[Value]) -> u64 {
-        values
-            .iter()
-            .map(|v| serde_json::to_string(v).map_or(0, |s| s.len() as u64))
-            .sum()
+    /// Payload bytes `(sent, received)` so far, from the transport's own
+    /// counters (`get_traffic`); zeros for transports without them.
+    fn traffic(&self) -> (u64, u64) {
+        let Some(get_traffic) = method(&self.transport, "get_traffic") else {
+            return (0, 0);
+        };
+        match get_traffic.call::<LuaValue>(self.transport.clone()) {
+            Ok(LuaValue::Table(t)) => {
+                let field = |name| {
+                    t.get::<LuaValue>(name)
+                        .ok()
+                        .as_ref()
+                        .and_then(number)
+                        .unwrap_or(0)
+                };
+                (field("sent"), field("received"))
+            }
+            _ => (0, 0),
+        }
     }
 }
 
@@ -307,6 +371,7 @@ fn number(value: &LuaValue) -> Option<u64> {
 impl Transport for LuaTransport {
     fn fetch(&mut self, device_id: &str, since: u64) -> Result<FetchPage, HostError> {
         self.ensure_connected()?;
+        let before = self.traffic();
         let result = self.call(
             "fetch_operations",
             (device_id.to_owned(), integer(since as i64)),
@@ -322,13 +387,13 @@ impl Transport for LuaTransport {
             Ok(LuaValue::Table(list)) => {
                 let mut operations = Vec::new();
                 for op in list.sequence_values::<LuaValue>() {
-                    let op = op.map_err(|e| HostError(lua_error_message(&e)))?;
+                    let op = op.map_err(|e| HostError(callback_message(&e)))?;
                     match from_lua(&self.lua, op) {
                         Ok(Ok(value)) => operations.push(value),
                         Ok(Err(e)) => {
                             return Err(HostError(format!("invalid operation from server: {e}")))
                         }
-                        Err(e) => return Err(HostError(lua_error_message(&e))),
+                        Err(e) => return Err(HostError(callback_message(&e))),
                     }
                 }
                 operations
@@ -349,30 +414,26 @@ impl Transport for LuaTransport {
             result.get::<LuaValue>("has_more"),
             Ok(LuaValue::Boolean(true))
         );
-        let bytes_received = Self::json_size(&operations);
+        let after = self.traffic();
         Ok(FetchPage {
             operations,
             version,
             has_more,
-            bytes_received,
+            bytes_received: after.1.saturating_sub(before.1),
         })
     }
 
     fn push(&mut self, device_id: &str, operations: &[Operation]) -> Result<PushReply, HostError> {
         self.ensure_connected()?;
-        let values = operations
-            .iter()
-            .map(operation_value)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| HostError(e.to_string()))?;
+        let before = self.traffic();
         let list = self
             .lua
             .create_table()
-            .map_err(|e| HostError(lua_error_message(&e)))?;
-        for (i, value) in values.iter().enumerate() {
-            let op = to_lua(&self.lua, value).map_err(|e| HostError(lua_error_message(&e)))?;
+            .map_err(|e| HostError(callback_message(&e)))?;
+        for (i, op) in operations.iter().enumerate() {
+            let op = operation_table(&self.lua, op).map_err(|e| HostError(callback_message(&e)))?;
             list.raw_set(i + 1, op)
-                .map_err(|e| HostError(lua_error_message(&e)))?;
+                .map_err(|e| HostError(callback_message(&e)))?;
         }
         let result = self.call("push_operations", (device_id.to_owned(), list.clone()))?;
         let LuaValue::Table(result) = result else {
@@ -424,12 +485,13 @@ impl Transport for LuaTransport {
                 }
             }
         }
+        let after = self.traffic();
         Ok(PushReply {
             success,
             conflicts,
             accepted,
-            bytes_sent: Self::json_size(&values),
-            bytes_received: 0,
+            bytes_sent: after.0.saturating_sub(before.0),
+            bytes_received: after.1.saturating_sub(before.1),
         })
     }
 }
@@ -465,10 +527,10 @@ impl LuaHost {
     fn emit(&self, event: &str, data: Table) {
         if let Some(emit) = method(&self.this, "_emit") {
             if let Err(e) = emit.call::<()>((self.this.clone(), event, data)) {
-                eprintln!(
-                    "whisker-sync: emitting {event} failed: {}",
-                    lua_error_message(&e)
-                );
+                let message = callback_message(&e);
+                if !message.contains("interrupted!") {
+                    eprintln!("whisker-sync: emitting {event} failed: {message}");
+                }
             }
         }
     }
@@ -485,8 +547,7 @@ impl LuaHost {
     }
 
     fn operation(&self, op: &Operation) -> mlua::Result<LuaValue> {
-        let value = operation_value(op).map_err(|e| mlua::Error::runtime(e.to_string()))?;
-        to_lua(&self.lua, &value)
+        operation_table(&self.lua, op).map(LuaValue::Table)
     }
 
     /// The conflict as the old API showed it to resolvers and listeners.
@@ -561,7 +622,7 @@ impl LuaHost {
                 Ok(Err(e)) => Err(HostError(format!(
                     "conflict resolver returned data that cannot be synced: {e}"
                 ))),
-                Err(e) => Err(HostError(lua_error_message(&e))),
+                Err(e) => Err(HostError(callback_message(&e))),
             },
         };
         Ok(Some(match winner.as_deref() {
@@ -597,11 +658,11 @@ impl Host for LuaHost {
         };
         let table = self
             .conflict_table(conflict)
-            .map_err(|e| HostError(lua_error_message(&e)))?;
+            .map_err(|e| HostError(callback_message(&e)))?;
         let result = resolver.call::<LuaValue>(table).map_err(|e| {
             HostError(format!(
                 "conflict resolver raised an error: {}",
-                lua_error_message(&e)
+                callback_message(&e)
             ))
         })?;
         self.decision(result)
@@ -619,7 +680,7 @@ impl Host for LuaHost {
             Ok(table) => self.emit("conflict_detected", table),
             Err(e) => eprintln!(
                 "whisker-sync: conflict event failed: {}",
-                lua_error_message(&e)
+                callback_message(&e)
             ),
         }
     }
@@ -829,6 +890,10 @@ fn sync_now(lua: &Lua, this: Table) -> mlua::Result<MultiValue> {
     let handle = handle_of(&this)?;
     this.set("_status", status::SYNCING)?;
     let outcome = run_sync(lua, &this, &handle);
+    if let Err(interrupt) = take_interrupt() {
+        this.set("_status", status::IDLE)?;
+        return Err(interrupt);
+    }
     let host = LuaHost {
         lua: lua.clone(),
         this: this.clone(),
@@ -849,6 +914,7 @@ fn sync_now(lua: &Lua, this: Table) -> mlua::Result<MultiValue> {
             let completed = host.table([
                 ("operations_applied", integer(report.applied as i64)),
                 ("conflicts_resolved", integer(report.conflicts as i64)),
+                ("conflicts_pending", integer(report.unresolved as i64)),
                 ("operations_pushed", integer(report.pushed as i64)),
                 ("bytes_sent", integer(report.bytes_sent as i64)),
                 ("bytes_received", integer(report.bytes_received as i64)),
@@ -955,7 +1021,9 @@ fn stop_sync(lua: &Lua, this: Table) -> mlua::Result<()> {
 fn poll_transport(this: &Table) -> mlua::Result<()> {
     if let Ok(LuaValue::Table(transport)) = this.get::<LuaValue>("_transport") {
         if let Some(poll) = method(&transport, "poll") {
-            poll.call::<()>(transport)?;
+            if let Err(e) = poll.call::<()>(transport) {
+                return Err(mlua::Error::runtime(callback_message(&e)));
+            }
         }
     }
     Ok(())
@@ -1028,7 +1096,7 @@ fn conflict_from_lua(lua: &Lua, table: &Table) -> Result<Conflict, String> {
             return Err(format!("conflict.{name} must be an operation table"));
         };
         let value = from_lua(lua, LuaValue::Table(op))
-            .map_err(|e| lua_error_message(&e))?
+            .map_err(|e| callback_message(&e))?
             .map_err(|e| format!("conflict.{name}: {e}"))?;
         let text = |key: &str| {
             value

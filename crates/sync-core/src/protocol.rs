@@ -201,6 +201,89 @@ impl Operation {
         }
     }
 
+    /// The operation as a document, with the fields and omissions of its JSON form.
+    pub fn to_value(&self) -> Value {
+        let mut fields = self.extra.clone();
+        fields.insert("id".into(), Value::from(self.id.as_str()));
+        fields.insert("type".into(), Value::from(self.op_type.as_str()));
+        fields.insert("story_id".into(), Value::from(self.story_id.as_str()));
+        if let Some(data) = &self.data {
+            fields.insert("data".into(), data.clone());
+        }
+        if !self.metadata.is_empty() {
+            fields.insert("metadata".into(), Value::Object(self.metadata.clone()));
+        }
+        fields.insert("timestamp".into(), Value::Int(self.timestamp));
+        fields.insert("device_id".into(), Value::from(self.device_id.as_str()));
+        let count = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
+        if let Some(base) = self.base_version {
+            fields.insert("base_version".into(), count(base));
+        }
+        if let Some(version) = self.version {
+            fields.insert("version".into(), count(version));
+        }
+        Value::Object(fields)
+    }
+
+    /// Reads an operation from a document: `id`, `type`, `story_id` and a
+    /// numeric `timestamp` are required, the rest as in the JSON form.
+    pub fn from_value(value: &Value) -> Result<Operation, String> {
+        let Value::Object(fields) = value else {
+            return Err("not an object".into());
+        };
+        let text = |name: &str| match fields.get(name) {
+            Some(Value::Str(s)) => Ok(Some(s.clone())),
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => Err(format!("{name} must be a string")),
+        };
+        let count = |name: &str| match fields.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .and_then(|n| u64::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| format!("{name} must be a non-negative integer")),
+        };
+        let type_name = text("type")?.ok_or("type is missing")?;
+        let timestamp = fields
+            .get("timestamp")
+            .ok_or("timestamp is missing")?
+            .as_f64()
+            .filter(|t| t.is_finite())
+            .ok_or("timestamp must be a number")?;
+        const KNOWN: [&str; 9] = [
+            "id",
+            "type",
+            "story_id",
+            "data",
+            "metadata",
+            "timestamp",
+            "device_id",
+            "version",
+            "base_version",
+        ];
+        Ok(Operation {
+            id: text("id")?.ok_or("id is missing")?,
+            op_type: OpType::parse(&type_name)
+                .ok_or_else(|| format!("unknown type \"{type_name}\""))?,
+            story_id: text("story_id")?.ok_or("story_id is missing")?,
+            data: fields.get("data").filter(|d| !d.is_null()).cloned(),
+            metadata: match fields.get("metadata") {
+                Some(Value::Object(m)) => m.clone(),
+                _ => Map::new(),
+            },
+            timestamp: timestamp.floor() as i64,
+            device_id: text("device_id")?.unwrap_or_default(),
+            base_version: count("base_version")?,
+            version: count("version")?,
+            extra: fields
+                .iter()
+                .filter(|(k, _)| !KNOWN.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
+
     /// The key this operation sorts by in last-write-wins.
     pub fn order_key(&self) -> OrderKey<'_> {
         OrderKey {
@@ -820,6 +903,22 @@ mod tests {
         let next = apply_delta(&old, &[op]);
         assert_eq!(next["1"].get("metadata"), Some(&story("meta")));
         assert!(old["1"].get("metadata").is_none());
+    }
+
+    #[test]
+    fn operation_documents_match_the_json_form() {
+        let mut op = Operation::new(OpType::Update, "s", Some(story("t")));
+        op.device_id = "d".into();
+        op.base_version = Some(4);
+        op.metadata.insert("device_id".into(), Value::from("d"));
+        op.extra.insert("hint".into(), Value::Bool(true));
+        let via_serde: Value = serde_json::from_str(&serde_json::to_string(&op).unwrap()).unwrap();
+        assert_eq!(op.to_value(), via_serde);
+        assert_eq!(Operation::from_value(&op.to_value()), Ok(op));
+        let err = Operation::from_value(
+            &serde_json::from_str(r#"{"id":"x","type":"update","story_id":"s"}"#).unwrap(),
+        );
+        assert_eq!(err, Err("timestamp is missing".into()));
     }
 
     #[test]

@@ -302,8 +302,7 @@ impl<S> StateManager<S> {
     /// (tables queued through the old Lua API need not be).
     pub fn pending_operations(&self) -> Vec<Operation> {
         self.pending_values()
-            .filter_map(|v| serde_json::to_value(v).ok())
-            .filter_map(|json| serde_json::from_value(json).ok())
+            .filter_map(|v| Operation::from_value(v).ok())
             .collect()
     }
 
@@ -915,9 +914,7 @@ fn apply_record(
 
 /// An operation as the queue holds it.
 pub fn operation_value(op: &Operation) -> Result<Value, StateError> {
-    serde_json::to_value(op)
-        .and_then(serde_json::from_value)
-        .map_err(|e| StateError::Encode(e.to_string()))
+    Ok(op.to_value())
 }
 
 fn kind(value: &Value) -> &'static str {

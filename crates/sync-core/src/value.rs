@@ -90,7 +90,17 @@ impl Value {
     /// Two semantically equal documents give the same text (see [`PartialEq`]),
     /// which is what content hashes are computed from.
     pub fn to_canonical_json(&self) -> Result<String, serde_json::Error> {
-        serde_json::to_string(&Canonical(self))
+        serde_json::to_string(&Canonical::new(self))
+    }
+
+    /// Writes the canonical JSON text to `writer`; for an object, leaving out
+    /// the member `skip` (hashes of a story apart from its metadata).
+    pub fn write_canonical_json(
+        &self,
+        writer: impl std::io::Write,
+        skip: Option<&str>,
+    ) -> Result<(), serde_json::Error> {
+        serde_json::to_writer(writer, &Canonical { value: self, skip })
     }
 
     /// Maximum nesting depth (a scalar has depth 0).
@@ -207,24 +217,36 @@ impl Serialize for Value {
 }
 
 /// Serialises like [`Value`] but writes an empty array as `{}`, the way an empty
-/// Lua table reads back, so the two spellings hash alike.
-struct Canonical<'a>(&'a Value);
+/// Lua table reads back, so the two spellings hash alike. `skip` leaves out
+/// one member of the outermost object.
+struct Canonical<'a> {
+    value: &'a Value,
+    skip: Option<&'a str>,
+}
+
+impl<'a> Canonical<'a> {
+    fn new(value: &'a Value) -> Self {
+        Canonical { value, skip: None }
+    }
+}
 
 impl Serialize for Canonical<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
+        match self.value {
             Value::Array(items) if !items.is_empty() => {
                 let mut seq = serializer.serialize_seq(Some(items.len()))?;
                 for item in items {
-                    seq.serialize_element(&Canonical(item))?;
+                    seq.serialize_element(&Canonical::new(item))?;
                 }
                 seq.end()
             }
             Value::Array(_) => serializer.serialize_map(Some(0))?.end(),
             Value::Object(map) => {
-                let mut out = serializer.serialize_map(Some(map.len()))?;
+                let mut out = serializer.serialize_map(None)?;
                 for (k, v) in map {
-                    out.serialize_entry(k, &Canonical(v))?;
+                    if Some(k.as_str()) != self.skip {
+                        out.serialize_entry(k, &Canonical::new(v))?;
+                    }
                 }
                 out.end()
             }

@@ -19,9 +19,11 @@ pub const SHARDS: u32 = 16;
 /// Prefix of base records; the shard number follows.
 pub const BASE_KEY_PREFIX: &str = "_whisker_sync_base_";
 
-/// Lazily loaded bases plus the changes of the current sync.
+/// Lazily loaded bases plus the changes of the current sync. A store that
+/// is not `enabled` records nothing (the strategy needs no bases).
 #[derive(Debug, Default)]
 pub struct BaseStore {
+    enabled: bool,
     shards: BTreeMap<u32, Map>,
     updates: BTreeMap<String, Option<Value>>,
 }
@@ -43,6 +45,13 @@ fn store_error(action: &str, shard: u32, e: impl std::fmt::Display) -> SyncError
 }
 
 impl BaseStore {
+    pub fn new(enabled: bool) -> Self {
+        BaseStore {
+            enabled,
+            ..BaseStore::default()
+        }
+    }
+
     fn shard<S: StateStore>(
         &mut self,
         state: &mut StateManager<S>,
@@ -78,7 +87,9 @@ impl BaseStore {
 
     /// Records the synced content of a story (`None`: it no longer exists).
     pub fn set(&mut self, id: &str, content: Option<Value>) {
-        self.updates.insert(id.to_owned(), content);
+        if self.enabled {
+            self.updates.insert(id.to_owned(), content);
+        }
     }
 
     /// Writes the shards this sync changed.

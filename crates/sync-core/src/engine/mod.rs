@@ -222,8 +222,10 @@ pub trait Host {
 pub struct SyncReport {
     /// Remote changes applied to local storage.
     pub applied: usize,
-    /// Conflicts settled (including those left for the user).
+    /// Conflicts settled.
     pub conflicts: usize,
+    /// Conflicts left for the user (manual strategy without a resolver).
+    pub unresolved: usize,
     /// Operations the server accepted.
     pub pushed: usize,
     /// Whether the server was reached (false without a transport).
@@ -261,20 +263,81 @@ pub struct Engine {
     syncs: u64,
 }
 
-/// Content hash of a story (or of its absence), over canonical JSON.
-pub fn content_hash(story: Option<&Value>) -> String {
-    let mut hasher = Sha256::new();
-    match story {
-        Some(value) => {
-            let text = value
-                .to_canonical_json()
-                .unwrap_or_else(|_| format!("{value:?}"));
-            hasher.update(text.as_bytes());
+/// SHA-256 of a value's canonical JSON (without the outermost member `skip`),
+/// as 32 hex digits.
+fn digest(value: &Value, skip: Option<&str>) -> String {
+    struct Hashing(Sha256);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
         }
-        None => hasher.update(b"\0deleted"),
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
-    let digest = hasher.finalize();
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    let mut hashing = Hashing(Sha256::new());
+    if value.write_canonical_json(&mut hashing, skip).is_err() {
+        // Not JSON (NaN, infinities): hash its debug form, which is stable too.
+        hashing.0.update(format!("{value:?}").as_bytes());
+    }
+    hashing.0.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Content hash of a story (or of its absence). A story with a `metadata`
+/// member hashes as `body:metadata`, so a change to its metadata alone shows
+/// as a change of the second part only.
+pub fn content_hash(story: Option<&Value>) -> String {
+    match story {
+        None => "deleted".to_owned(),
+        Some(story) => match story.get("metadata") {
+            Some(metadata) => format!(
+                "{}:{}",
+                digest(story, Some("metadata")),
+                digest(metadata, None)
+            ),
+            None => digest(story, None),
+        },
+    }
+}
+
+/// The body part of a content hash (see [`content_hash`]).
+fn body_part(hash: &str) -> &str {
+    hash.split_once(':').map_or(hash, |(body, _)| body)
+}
+
+/// Queue field of a queued create or update: the content hash of the story
+/// version it stands for. The content itself stays in local storage, the
+/// source of truth, until the push reads it; a later edit supersedes it.
+pub const CONTENT_HASH: &str = "content_hash";
+
+/// A queued change that makes a story's content the one hashing to `hash`
+/// (`None`: a delete).
+fn queued_change(op_type: OpType, id: &str, hash: Option<String>) -> Operation {
+    let mut op = Operation::new(
+        if hash.is_some() {
+            op_type
+        } else {
+            OpType::Delete
+        },
+        id,
+        None,
+    );
+    if let Some(hash) = hash {
+        op.extra.insert(CONTENT_HASH.to_owned(), Value::Str(hash));
+    }
+    op
+}
+
+/// The content hash a queued create or update stands for.
+fn queued_hash(op: &Operation) -> String {
+    match op.extra.get(CONTENT_HASH) {
+        Some(Value::Str(hash)) => hash.clone(),
+        _ => content_hash(op.data.as_ref()),
+    }
 }
 
 /// Whether a story id is reserved for sync bookkeeping (never synced).
@@ -357,6 +420,11 @@ impl Engine {
         self.config.strategy = strategy;
     }
 
+    /// Whether base snapshots are kept: only three-way merging needs them.
+    fn keeps_bases(&self) -> bool {
+        self.config.strategy == ConflictStrategy::AutoMerge
+    }
+
     /// Notes that a story changed (from a storage event).
     pub fn mark_dirty(&mut self, id: &str) {
         self.dirty.insert(id.to_owned());
@@ -383,7 +451,7 @@ impl Engine {
             done: 0,
             total: 0,
         });
-        let mut bases = BaseStore::default();
+        let mut bases = BaseStore::new(self.keeps_bases());
         let full =
             self.full_scan_due || !self.config.tracks_events || self.syncs % FULL_SCAN_EVERY == 0;
         let dirty = std::mem::take(&mut self.dirty);
@@ -391,7 +459,6 @@ impl Engine {
             &self.config,
             storage,
             state,
-            &mut bases,
             scan::Scope {
                 full,
                 dirty: &dirty,
@@ -407,6 +474,10 @@ impl Engine {
         };
         self.full_scan_due = false;
         state.enqueue(&scanned.new_ops)?;
+        let mut pending = scanned.queued;
+        for op in scanned.new_ops {
+            pending.entry(op.story_id.clone()).or_default().push(op);
+        }
 
         let Some(transport) = transport else {
             host.progress(Progress {
@@ -422,7 +493,7 @@ impl Engine {
 
         let mut round = Round {
             baselines: BTreeMap::new(),
-            pending: BTreeMap::new(),
+            pending,
             acknowledged: Vec::new(),
             held: BTreeMap::new(),
             conflicts_changed: false,
@@ -463,7 +534,9 @@ impl Engine {
             }
             let new_ops = self.queue_rewritten(&round, state)?;
             state.enqueue(&new_ops)?;
-            unresolved_push = self.push(transport, state, &mut bases, &local, &mut round, host)?;
+            unresolved_push = self.push(
+                transport, storage, state, &mut bases, &mut local, &mut round, host,
+            )?;
             if unresolved_push.is_empty() {
                 settled = true;
                 break;
@@ -563,20 +636,13 @@ impl Engine {
             Outcome::TookRemote => record.acknowledged = pending,
             Outcome::Merged(content) => {
                 record.acknowledged = pending;
-                let op_type = if content.is_some() {
-                    OpType::Update
-                } else {
-                    OpType::Delete
-                };
-                follow_up.push(Operation::new(op_type, story_id, content.clone()));
+                let hash = content.as_ref().map(|c| content_hash(Some(c)));
+                follow_up.push(queued_change(OpType::Update, story_id, hash));
             }
             Outcome::KeptBoth { copy_id } => {
                 record.acknowledged = pending;
-                follow_up.push(Operation::new(
-                    OpType::Create,
-                    copy_id.as_str(),
-                    conflict.local.data.clone(),
-                ));
+                let hash = conflict.local.data.as_ref().map(|c| content_hash(Some(c)));
+                follow_up.push(queued_change(OpType::Create, copy_id, hash));
             }
         }
         for op in &mut follow_up {
@@ -584,7 +650,7 @@ impl Engine {
         }
         state.enqueue(&follow_up)?;
         let incoming = conflict.remote.data.clone();
-        let mut bases = BaseStore::default();
+        let mut bases = BaseStore::new(self.keeps_bases());
         bases.set(story_id, incoming.clone());
         bases.save(state)?;
         record.baselines = vec![(
@@ -722,8 +788,8 @@ impl Engine {
                 continue;
             };
             let base = match &baseline {
-                Some(b) => bases.get(state, &id, &b.hash)?,
-                None => None,
+                Some(b) if self.keeps_bases() => bases.get(state, &id, &b.hash)?,
+                _ => None,
             };
             let conflict = Conflict {
                 story_id: id.clone(),
@@ -744,7 +810,11 @@ impl Engine {
                 total,
             });
             let (outcome, automatic) = self.settle(&conflict, host)?;
-            round.report.conflicts += 1;
+            if outcome == Outcome::Unresolved {
+                round.report.unresolved += 1;
+            } else {
+                round.report.conflicts += 1;
+            }
             match &outcome {
                 Outcome::KeptLocal => {
                     bases.set(&id, incoming.clone());
@@ -765,7 +835,7 @@ impl Engine {
                     } else {
                         write_story(storage, &id, merged.as_ref())?;
                         round.settle_pending(&id);
-                        round.rewrite(&id, merged.clone(), OpType::Update);
+                        round.rewrite(&id, merged.as_ref(), OpType::Update);
                     }
                     local.insert(id.clone(), merged.clone());
                     bases.set(&id, incoming.clone());
@@ -774,7 +844,7 @@ impl Engine {
                 }
                 Outcome::KeptBoth { copy_id } => {
                     write_story(storage, copy_id, current.as_ref())?;
-                    round.rewrite(copy_id, current.clone(), OpType::Create);
+                    round.rewrite(copy_id, current.as_ref(), OpType::Create);
                     local.insert(copy_id.clone(), current.clone());
                     self.apply(storage, &id, &remote, incoming.as_ref(), host, done, total)?;
                     local.insert(id.clone(), incoming.clone());
@@ -894,37 +964,70 @@ impl Engine {
     }
 
     /// Pushes the latest pending operation of each story (earlier ones are
-    /// superseded) with the story's current server version as its base.
-    /// Returns the conflicts the server reported.
+    /// superseded) with the story's current server version as its base and
+    /// the story's current content. Returns the conflicts the server reported.
+    #[allow(clippy::too_many_arguments)]
     fn push<S: StateStore>(
         &self,
         transport: &mut dyn Transport,
+        storage: &mut dyn Storage,
         state: &StateManager<S>,
         bases: &mut BaseStore,
-        local: &BTreeMap<String, Option<Value>>,
+        local: &mut BTreeMap<String, Option<Value>>,
         round: &mut Round,
         host: &mut dyn Host,
     ) -> Result<Vec<ServerConflict>, SyncError> {
+        // Each story's latest operation goes out (moved, not copied), with its
+        // content hash alongside; it returns to the queue if the server does
+        // not take it.
         let mut outgoing: Vec<Operation> = Vec::new();
+        let mut hashes: Vec<Option<String>> = Vec::new();
         let stories: Vec<String> = round.pending.keys().cloned().collect();
         for id in stories {
             if round.held.contains_key(&id) {
                 continue;
             }
-            let baseline = round.baseline(state, &id).cloned();
-            let Some(latest) = round.latest_pending(&id).cloned() else {
-                continue;
-            };
-            if baseline.is_none() && latest.op_type == OpType::Delete {
+            let baseline = round.baseline(state, &id).map(|b| b.version);
+            let never_pushed = baseline.is_none()
+                && round
+                    .latest_pending(&id)
+                    .is_some_and(|op| op.op_type == OpType::Delete);
+            if never_pushed {
                 // Created and deleted before the server ever saw it.
                 round.settle_pending(&id);
                 continue;
             }
-            outgoing.push(Operation {
-                base_version: baseline.map(|b| b.version),
-                device_id: self.config.device_id.clone(),
-                ..latest
-            });
+            let Some(mut op) = round.pending.get_mut(&id).and_then(Vec::pop) else {
+                continue;
+            };
+            op.base_version = baseline;
+            op.device_id.clone_from(&self.config.device_id);
+            let hash = match op.op_type {
+                OpType::Create | OpType::Update if op.data.is_none() => {
+                    let (content, hash) = match local.remove(&id) {
+                        Some(content) => (content, queued_hash(&op)),
+                        // Not read by this sync's scan: read it now.
+                        None => {
+                            let content = storage.load(&id)?;
+                            let hash = content_hash(content.as_ref());
+                            (content, hash)
+                        }
+                    };
+                    op.extra.remove(CONTENT_HASH);
+                    if content.is_none() {
+                        op.op_type = OpType::Delete;
+                    }
+                    op.data = content;
+                    op.data.is_some().then_some(hash)
+                }
+                OpType::Create | OpType::Update => Some(content_hash(op.data.as_ref())),
+                OpType::MetadataUpdate => {
+                    Some(content_hash(local.get(&id).and_then(Option::as_ref)))
+                }
+                OpType::Delete => None,
+            };
+            outgoing.push(op);
+            hashes.push(hash);
         }
         host.progress(Progress {
             step: Step::PushingLocal,
@@ -934,20 +1037,39 @@ impl Engine {
         if outgoing.is_empty() {
             return Ok(Vec::new());
         }
-        let reply = transport.push(&self.config.device_id, &outgoing)?;
-        round.report.bytes_sent += reply.bytes_sent;
-        round.report.bytes_received += reply.bytes_received;
-        if !reply.success && reply.conflicts.is_empty() {
-            return Err(SyncError::PushRejected);
-        }
-        let conflicted: BTreeSet<&str> = reply.conflicts.iter().map(|c| c.id.as_str()).collect();
-        let accepted: BTreeMap<&str, u64> = reply
-            .accepted
-            .iter()
-            .map(|(id, v)| (id.as_str(), *v))
-            .collect();
-        for op in &outgoing {
-            if conflicted.contains(op.story_id.as_str()) {
+        let reply = transport.push(&self.config.device_id, &outgoing);
+        let conflicted: BTreeSet<String> = match &reply {
+            Ok(reply) => reply.conflicts.iter().map(|c| c.id.clone()).collect(),
+            Err(_) => BTreeSet::new(),
+        };
+        let rejected = match &reply {
+            Ok(reply) => !reply.success && reply.conflicts.is_empty(),
+            Err(_) => true,
+        };
+        let accepted: std::collections::HashMap<&str, u64> = match &reply {
+            Ok(reply) => reply
+                .accepted
+                .iter()
+                .map(|(id, v)| (id.as_str(), *v))
+                .collect(),
+            Err(_) => Default::default(),
+        };
+        let total = outgoing.len();
+        for (mut op, hash) in outgoing.into_iter().zip(hashes) {
+            if rejected || conflicted.contains(&op.story_id) {
+                // Back to how the queue holds it: content in local storage.
+                if matches!(op.op_type, OpType::Create | OpType::Update) {
+                    if let Some(hash) = &hash {
+                        op.extra
+                            .insert(CONTENT_HASH.to_owned(), Value::Str(hash.clone()));
+                    }
+                    local.insert(op.story_id.clone(), op.data.take());
+                }
+                round
+                    .pending
+                    .entry(op.story_id.clone())
+                    .or_default()
+                    .push(op);
                 continue;
             }
             // Without the operation's own version, use the last version
@@ -957,25 +1079,26 @@ impl Engine {
                 .get(op.id.as_str())
                 .copied()
                 .unwrap_or(round.server_version);
+            round.settle_pending(&op.story_id);
+            round.acknowledged.push(op.id);
+            round.set_baseline(&op.story_id, hash.map(|hash| Baseline { hash, version }));
             let content = match op.op_type {
                 OpType::MetadataUpdate => local.get(&op.story_id).cloned().flatten(),
-                _ => op.data.clone(),
+                _ => op.data,
             };
-            round.settle_pending(&op.story_id);
-            round.set_baseline(
-                &op.story_id,
-                (op.op_type != OpType::Delete).then(|| Baseline {
-                    hash: content_hash(content.as_ref()),
-                    version,
-                }),
-            );
             bases.set(&op.story_id, content);
             round.report.pushed += 1;
         }
+        let reply = reply?;
+        round.report.bytes_sent += reply.bytes_sent;
+        round.report.bytes_received += reply.bytes_received;
+        if rejected {
+            return Err(SyncError::PushRejected);
+        }
         host.progress(Progress {
             step: Step::PushingLocal,
-            done: outgoing.len(),
-            total: outgoing.len(),
+            done: total,
+            total,
         });
         Ok(reply.conflicts)
     }
@@ -1034,14 +1157,8 @@ fn unresolved_record(conflict: &Conflict) -> Value {
 
 impl Round {
     /// Queues a new operation for a story whose content this sync decided.
-    fn rewrite(&mut self, id: &str, content: Option<Value>, kind: OpType) {
-        let op_type = if content.is_none() {
-            OpType::Delete
-        } else {
-            kind
-        };
-        let mut op = Operation::new(op_type, id, content);
-        op.device_id = String::new();
+    fn rewrite(&mut self, id: &str, content: Option<&Value>, kind: OpType) {
+        let op = queued_change(kind, id, content.map(|c| content_hash(Some(c))));
         self.pending.entry(id.to_owned()).or_default().push(op);
     }
 

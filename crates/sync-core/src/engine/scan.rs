@@ -6,10 +6,9 @@ use crate::protocol::{now_seconds, OpType, Operation};
 use crate::state::{StateManager, StateStore};
 use crate::value::{Map, Value};
 
-use super::bases::BaseStore;
 use super::{
-    content_hash, effective_content, is_reserved, EngineConfig, Host, Progress, Step, Storage,
-    SyncError,
+    body_part, content_hash, is_reserved, queued_change, queued_hash, EngineConfig, Host, Progress,
+    Step, Storage, SyncError,
 };
 
 /// Longest story id accepted, in bytes.
@@ -48,17 +47,19 @@ pub(super) struct Scope<'a> {
 pub(super) struct Scanned {
     /// Operations for the changes found, to be queued.
     pub new_ops: Vec<Operation>,
+    /// The operations already queued, by story, oldest first.
+    pub queued: BTreeMap<String, Vec<Operation>>,
     /// Content of the stories read (`None`: listed but gone).
     pub current: BTreeMap<String, Option<Value>>,
 }
 
 /// Compares local stories with what the state knows (the last synced version,
-/// or the latest queued change) and makes an operation for each difference.
+/// or the latest queued change) by content hash, and makes an operation for
+/// each difference.
 pub(super) fn collect<S: StateStore>(
     config: &EngineConfig,
     storage: &mut dyn Storage,
-    state: &mut StateManager<S>,
-    bases: &mut BaseStore,
+    state: &StateManager<S>,
     scope: Scope<'_>,
     host: &mut dyn Host,
 ) -> Result<Scanned, SyncError> {
@@ -69,6 +70,7 @@ pub(super) fn collect<S: StateStore>(
     }
     let mut scanned = Scanned {
         new_ops: Vec::new(),
+        queued: BTreeMap::new(),
         current: BTreeMap::new(),
     };
     let mut listed = BTreeSet::new();
@@ -78,10 +80,10 @@ pub(super) fn collect<S: StateStore>(
             continue;
         }
         listed.insert(entry.id.clone());
-        let known = state.baseline(&entry.id).map(|b| b.hash.clone());
+        let baseline = state.baseline(&entry.id).map(|b| b.hash.as_str());
         let pending = queued.get(&entry.id);
-        if !scope.full && !scope.dirty.contains(&entry.id) && (known.is_some() || pending.is_some())
-        {
+        let known = expected_hash(baseline, pending.map_or(&[][..], Vec::as_slice));
+        if !scope.full && !scope.dirty.contains(&entry.id) && known.is_some() {
             continue;
         }
         if done % 64 == 0 {
@@ -94,25 +96,17 @@ pub(super) fn collect<S: StateStore>(
         let Some(content) = storage.load(&entry.id)? else {
             continue;
         };
-        let previous = match pending {
-            Some(ops) => expected_content(state, bases, &entry.id, ops)?,
-            None => match &known {
-                Some(hash) => Some(bases.get(state, &entry.id, hash)?),
-                None => None,
-            },
-        };
         let hash = content_hash(Some(&content));
-        let expected_hash = match (&previous, pending, &known) {
-            (Some(p), _, _) => Some(content_hash(p.as_ref())),
-            (None, None, Some(h)) => Some(h.clone()),
-            _ => None,
-        };
-        if expected_hash.as_deref() != Some(hash.as_str()) {
-            let never_synced = known.is_none() && pending.is_none();
+        if known.as_deref() != Some(hash.as_str()) {
+            let metadata_only = known
+                .as_deref()
+                .is_some_and(|k| k != "deleted" && body_part(k) == body_part(&hash));
+            let never_synced = baseline.is_none() && pending.is_none();
             let op = change_op(
                 &entry.id,
                 &content,
-                previous.flatten().as_ref(),
+                hash,
+                metadata_only,
                 never_synced,
                 entry.updated_at,
             );
@@ -140,19 +134,44 @@ pub(super) fn collect<S: StateStore>(
         scanned.new_ops.push(op);
         scanned.current.insert(id, None);
     }
+    scanned.queued = queued;
     Ok(scanned)
 }
 
-/// The operation recording a change to `content` from `previous`.
+/// The content hash a story has once its queued operations apply to its
+/// baseline; `None` when nothing is known of it.
+fn expected_hash(baseline: Option<&str>, queued: &[Operation]) -> Option<String> {
+    queued
+        .iter()
+        .fold(baseline.map(str::to_owned), |hash, op| match op.op_type {
+            OpType::Create | OpType::Update => Some(queued_hash(op)),
+            OpType::Delete => Some(content_hash(None)),
+            OpType::MetadataUpdate => {
+                let body = body_part(hash.as_deref()?).to_owned();
+                let story = Value::Object(match &op.data {
+                    Some(metadata) => Map::from([("metadata".to_owned(), metadata.clone())]),
+                    None => Map::new(),
+                });
+                let hash = content_hash(Some(&story));
+                Some(match hash.split_once(':') {
+                    Some((_, meta)) => format!("{body}:{meta}"),
+                    None => body,
+                })
+            }
+        })
+}
+
+/// The queued operation recording a change to `content` (hashing to `hash`).
 fn change_op(
     id: &str,
     content: &Value,
-    previous: Option<&Value>,
+    hash: String,
+    metadata_only: bool,
     never_synced: bool,
     updated_at: Option<i64>,
 ) -> Operation {
-    if let Some(metadata) = metadata_only_change(previous, content) {
-        let mut op = Operation::new(OpType::MetadataUpdate, id, metadata);
+    if metadata_only {
+        let mut op = Operation::new(OpType::MetadataUpdate, id, content.get("metadata").cloned());
         op.timestamp = updated_at.unwrap_or_else(now_seconds);
         return op;
     }
@@ -161,132 +180,33 @@ fn change_op(
     } else {
         OpType::Update
     };
-    let mut op = Operation::new(op_type, id, Some(content.clone()));
+    let mut op = queued_change(op_type, id, Some(hash));
     // A story never synced here has no edit time of its own unless the storage
     // records one; it then loses last-write-wins to any remote version.
     op.timestamp = updated_at.unwrap_or(if never_synced { 0 } else { now_seconds() });
     op
 }
 
-/// `Some(new metadata)` when `content` differs from `previous` only in its
-/// `metadata` member.
-fn metadata_only_change(previous: Option<&Value>, content: &Value) -> Option<Option<Value>> {
-    let (Some(Value::Object(before)), Value::Object(after)) = (previous, content) else {
-        return None;
-    };
-    let without = |story: &Map| {
-        let mut story = story.clone();
-        story.remove("metadata");
-        story
-    };
-    (before.get("metadata") != after.get("metadata") && without(before) == without(after))
-        .then(|| after.get("metadata").cloned())
-}
-
-/// The content a story has once its queued operations apply: `None` when the
-/// queue holds a metadata update whose starting content is unknown.
-fn expected_content<S: StateStore>(
-    state: &mut StateManager<S>,
-    bases: &mut BaseStore,
-    id: &str,
-    ops: &[Operation],
-) -> Result<Option<Option<Value>>, SyncError> {
-    let start = ops
-        .iter()
-        .rposition(|op| op.op_type != OpType::MetadataUpdate);
-    let mut content = match start {
-        Some(i) => effective_content(&ops[i], None).unwrap_or_default(),
-        None => match state.baseline(id).map(|b| b.hash.clone()) {
-            Some(hash) => match bases.get(state, id, &hash)? {
-                Some(base) => Some(base),
-                None => return Ok(None),
-            },
-            None => return Ok(None),
-        },
-    };
-    for op in &ops[start.map_or(0, |i| i + 1)..] {
-        content = effective_content(op, content.as_ref()).unwrap_or(content);
-    }
-    Ok(Some(content))
-}
-
 /// Reads an operation the server sent, rejecting anything malformed.
 pub(super) fn parse_remote(value: &Value) -> Result<Operation, String> {
-    let Value::Object(fields) = value else {
-        return Err("not an object".into());
-    };
-    let text = |name: &str| match fields.get(name) {
-        Some(Value::Str(s)) => Ok(Some(s.clone())),
-        None | Some(Value::Null) => Ok(None),
-        Some(_) => Err(format!("{name} must be a string")),
-    };
-    let count = |name: &str| match fields.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_i64()
-            .and_then(|n| u64::try_from(n).ok())
-            .map(Some)
-            .ok_or_else(|| format!("{name} must be a non-negative integer")),
-    };
-    let id = text("id")?.ok_or("id is missing")?;
-    let type_name = text("type")?.ok_or("type is missing")?;
-    let op_type =
-        OpType::parse(&type_name).ok_or_else(|| format!("unknown type \"{type_name}\""))?;
-    let story_id = text("story_id")?.ok_or("story_id is missing")?;
-    validate_story_id(&story_id)?;
-    let data = match fields.get("data") {
-        None | Some(Value::Null) => None,
-        Some(v @ Value::Object(_)) => Some(v.clone()),
-        Some(Value::Array(items)) if items.is_empty() => Some(Value::empty_object()),
-        Some(_) => return Err("data must be a table".into()),
-    };
-    if matches!(op_type, OpType::Create | OpType::Update) && data.is_none() {
-        return Err(format!("a {} has no data", op_type.as_str()));
+    let mut op = Operation::from_value(value)?;
+    validate_story_id(&op.story_id)?;
+    match (&op.data, op.op_type) {
+        (Some(Value::Array(items)), _) if items.is_empty() => op.data = Some(Value::empty_object()),
+        (Some(Value::Object(_)) | None, _) => {}
+        (Some(_), OpType::Delete) => op.data = None,
+        (Some(_), _) => return Err("data must be a table".into()),
     }
-    let timestamp = match fields.get("timestamp") {
-        Some(v) => v
-            .as_f64()
-            .filter(|t| t.is_finite())
-            .ok_or("timestamp must be a number")?
-            .floor() as i64,
-        None => 0,
-    };
-    let metadata = match fields.get("metadata") {
-        Some(Value::Object(m)) => m.clone(),
-        _ => Map::new(),
-    };
-    const KNOWN: [&str; 9] = [
-        "id",
-        "type",
-        "story_id",
-        "data",
-        "metadata",
-        "timestamp",
-        "device_id",
-        "version",
-        "base_version",
-    ];
-    let extra = fields
-        .iter()
-        .filter(|(k, _)| !KNOWN.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    Ok(Operation {
-        id,
-        op_type,
-        story_id,
-        data: if op_type == OpType::Delete {
-            None
-        } else {
-            data
-        },
-        metadata,
-        timestamp,
-        device_id: text("device_id")?.unwrap_or_else(|| "unknown".into()),
-        base_version: count("base_version")?,
-        version: count("version")?,
-        extra,
-    })
+    if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
+        return Err(format!("a {} has no data", op.op_type.as_str()));
+    }
+    if op.op_type == OpType::Delete {
+        op.data = None;
+    }
+    if op.device_id.is_empty() {
+        op.device_id = "unknown".into();
+    }
+    Ok(op)
 }
 
 #[cfg(test)]
@@ -322,39 +242,54 @@ mod tests {
             (OpType::Update, 5, Some(3), "unknown")
         );
         assert_eq!(
-            parse(r#"{"id":"1","type":"update","story_id":"../etc","data":{}}"#).unwrap_err(),
+            parse(r#"{"id":"1","type":"update","story_id":"../etc","data":{},"timestamp":1}"#)
+                .unwrap_err(),
             "story id \"../etc\" contains a path separator or '..'"
         );
         assert_eq!(
-            parse(r#"{"id":"1","type":"update","story_id":"s"}"#).unwrap_err(),
+            parse(r#"{"id":"1","type":"update","story_id":"s","timestamp":1}"#).unwrap_err(),
             "a update has no data"
         );
         assert_eq!(
-            parse(r#"{"id":"1","type":"rename","story_id":"s"}"#).unwrap_err(),
+            parse(r#"{"id":"1","type":"rename","story_id":"s","timestamp":1}"#).unwrap_err(),
             "unknown type \"rename\""
         );
         assert_eq!(
-            parse(r#"{"id":"1","type":"update","story_id":"s","data":"x"}"#).unwrap_err(),
+            parse(r#"{"id":"1","type":"update","story_id":"s","data":"x","timestamp":1}"#)
+                .unwrap_err(),
             "data must be a table"
         );
         assert_eq!(
-            parse(r#"{"id":"1","type":"delete","story_id":"s","version":-1}"#).unwrap_err(),
+            parse(r#"{"id":"1","type":"delete","story_id":"s","version":-1,"timestamp":1}"#)
+                .unwrap_err(),
             "version must be a non-negative integer"
         );
         assert_eq!(parse(r#"[1]"#).unwrap_err(), "not an object");
     }
 
     #[test]
-    fn metadata_only_changes_are_recognised() {
+    fn queued_operations_give_the_expected_hash() {
         let json = |s: &str| serde_json::from_str::<Value>(s).unwrap();
-        let before = json(r#"{"title":"T","metadata":{"tags":["a"]}}"#);
-        let after = json(r#"{"title":"T","metadata":{"tags":["b"]}}"#);
+        let story = json(r#"{"title":"T","metadata":{"tags":["a"]}}"#);
+        let retagged = json(r#"{"title":"T","metadata":{"tags":["b"]}}"#);
+        let base = content_hash(Some(&story));
+        let op = |t, data| Operation::new(t, "s", data);
+        let tags = op(OpType::MetadataUpdate, Some(json(r#"{"tags":["b"]}"#)));
         assert_eq!(
-            metadata_only_change(Some(&before), &after),
-            Some(Some(json(r#"{"tags":["b"]}"#)))
+            expected_hash(Some(&base), &[tags]),
+            Some(content_hash(Some(&retagged)))
         );
-        let edited = json(r#"{"title":"T2","metadata":{"tags":["b"]}}"#);
-        assert_eq!(metadata_only_change(Some(&before), &edited), None);
-        assert_eq!(metadata_only_change(None, &after), None);
+        assert_eq!(body_part(&base), body_part(&content_hash(Some(&retagged))));
+        let update = op(OpType::Update, Some(retagged.clone()));
+        let delete = op(OpType::Delete, None);
+        assert_eq!(
+            expected_hash(None, std::slice::from_ref(&update)),
+            Some(content_hash(Some(&retagged)))
+        );
+        assert_eq!(
+            expected_hash(Some(&base), &[update, delete]),
+            Some("deleted".to_owned())
+        );
+        assert_eq!(expected_hash(None, &[]), None);
     }
 }

@@ -15,6 +15,28 @@
 
 local native = require("whisker.storage.sync.native").engine
 
+local unpack = table.unpack or unpack
+
+local function pack(...)
+  return { n = select("#", ...), ... }
+end
+
+--- Wraps a native method so that an interrupt (Ctrl-C: the interpreter
+-- raises "interrupted!" in whatever Lua code runs, such as a callback during
+-- a sync) reaches the caller as the plain "interrupted!" error.
+local function interruptible(fn)
+  return function(...)
+    local results = pack(pcall(fn, ...))
+    if results[1] then
+      return unpack(results, 2, results.n)
+    end
+    if tostring(results[2]):find("interrupted!", 1, true) then
+      error("interrupted!", 0)
+    end
+    error(results[2], 0)
+  end
+end
+
 local SyncEngine = {}
 SyncEngine.__index = SyncEngine
 
@@ -67,26 +89,26 @@ end
 -- milliseconds and whenever the server pushes a change (WebSocket). Returns
 -- promptly; call `step()` from your event loop, or `wait()` between steps.
 -- @function start_sync
-SyncEngine.start_sync = native.start_sync
+SyncEngine.start_sync = interruptible(native.start_sync)
 
 --- Stops automatic syncing.
 -- @function stop_sync
-SyncEngine.stop_sync = native.stop_sync
+SyncEngine.stop_sync = interruptible(native.stop_sync)
 
 --- Syncs once, now.
 -- @return true, or false and a message
 -- @function sync_now
-SyncEngine.sync_now = native.sync_now
+SyncEngine.sync_now = interruptible(native.sync_now)
 
 --- Runs a sync if one is due (interval elapsed or remote change pushed).
 -- @return true and the sync's result when it synced, false otherwise
 -- @function step
-SyncEngine.step = native.step
+SyncEngine.step = interruptible(native.step)
 
 --- Sleeps until the next sync is due, a remote change arrives, or `seconds`
 -- (default 1) pass.
 -- @function wait
-SyncEngine.wait = native.wait
+SyncEngine.wait = interruptible(native.wait)
 
 --- Conflicts left for the user (manual strategy without a resolver).
 -- @return array of `{story_id, conflict_type, local, remote, detected_at}`
@@ -99,12 +121,12 @@ SyncEngine.get_conflicts = native.get_conflicts
 -- @param data the story to keep, with `"merged"` (nil deletes it)
 -- @return true, or nil and a message
 -- @function resolve_conflict
-SyncEngine.resolve_conflict = native.resolve_conflict
+SyncEngine.resolve_conflict = interruptible(native.resolve_conflict)
 
 --- Settles conflict tables (`{story_id, local_version, remote_version}`) by
 -- the engine's strategy or resolver and writes the results to storage.
 -- @function _resolve_conflicts
-SyncEngine._resolve_conflicts = native.resolve_conflicts
+SyncEngine._resolve_conflicts = interruptible(native.resolve_conflicts)
 
 --- The engine's status: one of `SyncEngine.Status`.
 function SyncEngine:get_sync_status()
@@ -154,7 +176,9 @@ function SyncEngine:_emit(event, data)
   end
   for _, callback in ipairs(snapshot) do
     local ok, err = pcall(callback, data)
-    if not ok then
+    if not ok and tostring(err):find("interrupted!", 1, true) then
+      error(err, 0)
+    elseif not ok then
       io.stderr:write(("whisker-sync: error in '%s' listener: %s\n"):format(event, tostring(err)))
     end
   end
