@@ -57,6 +57,8 @@ pub enum StoreError {
     Encode(#[from] serde_json::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("the OS random number generator failed: {0}")]
+    Entropy(getrandom::Error),
     #[error("no active key matches {0:?}")]
     KeyNotFound(String),
     #[error("{0:?} names more than one active key; revoke by id instead")]
@@ -96,7 +98,7 @@ pub struct PushOutcome {
     pub version: u64,
 }
 
-/// One page of a fetch.
+/// Which page of operations a fetch asks for.
 #[derive(Debug, Clone, Copy)]
 pub struct FetchRequest<'a> {
     /// Return operations with a greater sequence number.
@@ -109,6 +111,7 @@ pub struct FetchRequest<'a> {
     pub tombstone_cutoff: i64,
 }
 
+/// One page of a fetch.
 #[derive(Debug)]
 pub struct FetchPage {
     pub operations: Vec<StoredOp>,

@@ -112,8 +112,7 @@ impl PostgresStore {
         tx.commit().await?;
         drop(client);
         let mut id = [0u8; 8];
-        getrandom::fill(&mut id)
-            .map_err(|e| StoreError::Corrupt(format!("no OS randomness: {e}")))?;
+        getrandom::fill(&mut id).map_err(StoreError::Entropy)?;
         Ok(PostgresStore {
             pool,
             config,
