@@ -18,18 +18,20 @@ use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use mlua::{AnyUserData, Function, Lua, MultiValue, Table, UserData, Value as LuaValue};
+use mlua::{ffi, AnyUserData, Function, Lua, MultiValue, Table, UserData, Value as LuaValue};
 use sync_core::engine::{
-    write_outcome, Conflict, Decision, Engine, EngineConfig, FetchPage, Host, HostError,
-    MemoryStore, Outcome, Progress, PushReply, Storage, StoryEntry, SyncError, SyncReport,
-    Transport,
+    content_hash, write_outcome, Conflict, ContentSource, Decision, Engine, EngineConfig,
+    FetchPage, Host, HostError, MemoryStore, Outcome, Progress, PushReply, Storage, StoryEntry,
+    SyncError, SyncReport, Transport,
 };
 use sync_core::protocol::{now_seconds, ConflictStrategy, ConflictType, OpType, Operation};
 use sync_core::state::{status, StateManager};
 use sync_core::value::Value;
 use sync_core::wire::ServerConflict;
 
+use crate::raw;
 use crate::state_manager::{lua_error_message, state_manager_of, LuaStateManager, LuaStore};
+use crate::story_hash;
 use crate::values::{failure, from_lua, integer, to_lua};
 
 /// Where an engine keeps its state.
@@ -149,6 +151,39 @@ fn operation_table(lua: &Lua, op: &Operation) -> mlua::Result<Table> {
     Ok(table)
 }
 
+/// Calls the first of `names` the storage has, as a method; returns its
+/// results and the name called.
+fn call_storage(
+    storage: &Table,
+    names: [&'static str; 2],
+    args: impl mlua::IntoLuaMulti,
+) -> Result<(MultiValue, &'static str), HostError> {
+    let (f, name) = names
+        .into_iter()
+        .find_map(|name| method(storage, name).map(|f| (f, name)))
+        .ok_or_else(|| HostError(format!("storage has neither {} nor {}", names[0], names[1])))?;
+    let values = f.call::<MultiValue>((storage.clone(), args)).map_err(|e| {
+        HostError(format!(
+            "storage {name} raised an error: {}",
+            callback_message(&e)
+        ))
+    })?;
+    Ok((values, name))
+}
+
+/// A story as the storage holds it: its Lua table, or nil when missing.
+fn load_story_table(storage: &Table, id: &str) -> Result<Option<Table>, HostError> {
+    let (values, label) = call_storage(storage, ["load_story", "load"], id.to_owned())?;
+    match first(values) {
+        LuaValue::Nil => Ok(None),
+        LuaValue::Table(story) => Ok(Some(story)),
+        other => Err(HostError(format!(
+            "storage {label}('{id}') returned a {}, not a story table",
+            other.type_name()
+        ))),
+    }
+}
+
 /// The storage handed to the engine, as the engine's [`Storage`].
 struct LuaStorage {
     lua: Lua,
@@ -157,8 +192,7 @@ struct LuaStorage {
 }
 
 impl LuaStorage {
-    /// Calls the first of `names` the storage has, as a method; returns its
-    /// results and the name called.
+    /// Calls the first of `names` the storage has, as a method.
     fn call(
         &self,
         names: [&'static str; 2],
@@ -168,19 +202,7 @@ impl LuaStorage {
             .storage
             .as_ref()
             .ok_or_else(|| HostError("no storage".into()))?;
-        let (f, name) = names
-            .into_iter()
-            .find_map(|name| method(storage, name).map(|f| (f, name)))
-            .ok_or_else(|| {
-                HostError(format!("storage has neither {} nor {}", names[0], names[1]))
-            })?;
-        let values = f.call::<MultiValue>((storage.clone(), args)).map_err(|e| {
-            HostError(format!(
-                "storage {name} raised an error: {}",
-                callback_message(&e)
-            ))
-        })?;
-        Ok((values, name))
+        call_storage(storage, names, args)
     }
 
     /// A write, marked as the engine's own so its events are ignored.
@@ -242,21 +264,37 @@ impl Storage for LuaStorage {
     }
 
     fn load(&mut self, id: &str) -> Result<Option<Value>, HostError> {
-        if self.storage.is_none() {
+        let Some(storage) = &self.storage else {
             return Ok(None);
+        };
+        let Some(story) = load_story_table(storage, id)? else {
+            return Ok(None);
+        };
+        match from_lua(&self.lua, LuaValue::Table(story)) {
+            Ok(Ok(value)) => Ok(Some(value)),
+            Ok(Err(e)) => Err(HostError(format!("story '{id}' cannot be synced: {e}"))),
+            Err(e) => Err(HostError(callback_message(&e))),
         }
-        let (values, label) = self.call(["load_story", "load"], id.to_owned())?;
-        match first(values) {
-            LuaValue::Nil => Ok(None),
-            story @ LuaValue::Table(_) => match from_lua(&self.lua, story) {
-                Ok(Ok(value)) => Ok(Some(value)),
-                Ok(Err(e)) => Err(HostError(format!("story '{id}' cannot be synced: {e}"))),
-                Err(e) => Err(HostError(callback_message(&e))),
-            },
-            other => Err(HostError(format!(
-                "storage {label}('{id}') returned a {}, not a story table",
-                other.type_name()
-            ))),
+    }
+
+    fn hash(&mut self, id: &str) -> Result<Option<String>, HostError> {
+        let Some(storage) = &self.storage else {
+            return Ok(None);
+        };
+        let Some(story) = load_story_table(storage, id)? else {
+            return Ok(None);
+        };
+        let mut hash = None;
+        let hashed = raw::with_stack(&self.lua, story, |state| unsafe {
+            hash = Some(story_hash::story_hash(state, 1)?);
+            ffi::lua_settop(state, 0);
+            Ok::<(), story_hash::NotInPlace>(())
+        })
+        .map_err(|e| HostError(callback_message(&e)))?;
+        match (hashed, hash) {
+            (Ok(_), Some(hash)) => Ok(Some(hash)),
+            // Unusual content: convert it, which hashes it or says what is wrong.
+            _ => Ok(self.load(id)?.map(|story| content_hash(Some(&story)))),
         }
     }
 
@@ -291,6 +329,8 @@ impl Storage for LuaStorage {
 struct LuaTransport {
     lua: Lua,
     transport: Table,
+    /// The engine's storage: pushed stories are its own tables, not copies.
+    storage: Option<Table>,
     connected: bool,
 }
 
@@ -423,17 +463,34 @@ impl Transport for LuaTransport {
         })
     }
 
-    fn push(&mut self, device_id: &str, operations: &[Operation]) -> Result<PushReply, HostError> {
+    fn push(
+        &mut self,
+        device_id: &str,
+        operations: &[Operation],
+        content: &mut ContentSource<'_>,
+    ) -> Result<PushReply, HostError> {
         self.ensure_connected()?;
         let before = self.traffic();
-        let list = self
-            .lua
-            .create_table()
-            .map_err(|e| HostError(callback_message(&e)))?;
+        let lua_error = |e: mlua::Error| HostError(callback_message(&e));
+        let list = self.lua.create_table().map_err(lua_error)?;
         for (i, op) in operations.iter().enumerate() {
-            let op = operation_table(&self.lua, op).map_err(|e| HostError(callback_message(&e)))?;
-            list.raw_set(i + 1, op)
-                .map_err(|e| HostError(callback_message(&e)))?;
+            let table = operation_table(&self.lua, op).map_err(lua_error)?;
+            if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
+                let data = match &self.storage {
+                    Some(storage) => load_story_table(storage, &op.story_id)?.map(LuaValue::Table),
+                    None => match content(&op.story_id)? {
+                        Some(story) => Some(to_lua(&self.lua, &story).map_err(lua_error)?),
+                        None => None,
+                    },
+                };
+                match data {
+                    Some(data) => table.raw_set("data", data).map_err(lua_error)?,
+                    None => table
+                        .raw_set("type", OpType::Delete.as_str())
+                        .map_err(lua_error)?,
+                }
+            }
+            list.raw_set(i + 1, table).map_err(lua_error)?;
         }
         let result = self.call("push_operations", (device_id.to_owned(), list.clone()))?;
         let LuaValue::Table(result) = result else {
@@ -840,6 +897,7 @@ fn run_sync(lua: &Lua, this: &Table, handle: &EngineHandle) -> Result<SyncReport
         Ok(LuaValue::Table(t)) => Some(LuaTransport {
             lua: lua.clone(),
             transport: t,
+            storage: storage.storage.clone(),
             connected: false,
         }),
         _ => None,

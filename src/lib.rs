@@ -8,10 +8,30 @@ mod protocol;
 mod raw;
 mod runtime;
 mod state_manager;
+mod story_hash;
 mod values;
 mod websocket;
 
 use mlua::{Lua, Table};
+
+// Unit tests create Lua states of their own, so their binary links the
+// flavour's Lua library (the module never does: the host provides Lua).
+// Integration tests get the same from build.rs.
+#[cfg(all(test, feature = "lua54"))]
+#[link(name = "lua5.4")]
+extern "C" {}
+#[cfg(all(test, feature = "lua53"))]
+#[link(name = "lua5.3")]
+extern "C" {}
+#[cfg(all(test, feature = "lua52"))]
+#[link(name = "lua5.2")]
+extern "C" {}
+#[cfg(all(test, feature = "lua51"))]
+#[link(name = "lua5.1")]
+extern "C" {}
+#[cfg(all(test, feature = "luajit"))]
+#[link(name = "luajit-5.1")]
+extern "C" {}
 
 /// The Lua flavour this build targets, as the Lua modules check it.
 const LUA_FLAVOUR: &str = if cfg!(feature = "luajit") {

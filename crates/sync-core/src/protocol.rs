@@ -228,15 +228,24 @@ impl Operation {
     /// Reads an operation from a document: `id`, `type`, `story_id` and a
     /// numeric `timestamp` are required, the rest as in the JSON form.
     pub fn from_value(value: &Value) -> Result<Operation, String> {
-        let Value::Object(fields) = value else {
+        Self::from_document(value.clone())
+    }
+
+    /// [`Operation::from_value`], taking the document's parts instead of copying them.
+    pub fn from_document(value: Value) -> Result<Operation, String> {
+        let Value::Object(mut fields) = value else {
             return Err("not an object".into());
         };
-        let text = |name: &str| match fields.get(name) {
-            Some(Value::Str(s)) => Ok(Some(s.clone())),
+        let mut text = |name: &str| match fields.remove(name) {
+            Some(Value::Str(s)) => Ok(Some(s)),
             None | Some(Value::Null) => Ok(None),
             Some(_) => Err(format!("{name} must be a string")),
         };
-        let count = |name: &str| match fields.get(name) {
+        let id = text("id")?.ok_or("id is missing")?;
+        let type_name = text("type")?.ok_or("type is missing")?;
+        let story_id = text("story_id")?.ok_or("story_id is missing")?;
+        let device_id = text("device_id")?.unwrap_or_default();
+        let mut count = |name: &str| match fields.remove(name) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v
                 .as_i64()
@@ -244,43 +253,29 @@ impl Operation {
                 .map(Some)
                 .ok_or_else(|| format!("{name} must be a non-negative integer")),
         };
-        let type_name = text("type")?.ok_or("type is missing")?;
+        let base_version = count("base_version")?;
+        let version = count("version")?;
         let timestamp = fields
-            .get("timestamp")
+            .remove("timestamp")
             .ok_or("timestamp is missing")?
             .as_f64()
             .filter(|t| t.is_finite())
             .ok_or("timestamp must be a number")?;
-        const KNOWN: [&str; 9] = [
-            "id",
-            "type",
-            "story_id",
-            "data",
-            "metadata",
-            "timestamp",
-            "device_id",
-            "version",
-            "base_version",
-        ];
         Ok(Operation {
-            id: text("id")?.ok_or("id is missing")?,
+            id,
             op_type: OpType::parse(&type_name)
                 .ok_or_else(|| format!("unknown type \"{type_name}\""))?,
-            story_id: text("story_id")?.ok_or("story_id is missing")?,
-            data: fields.get("data").filter(|d| !d.is_null()).cloned(),
-            metadata: match fields.get("metadata") {
-                Some(Value::Object(m)) => m.clone(),
+            story_id,
+            data: fields.remove("data").filter(|d| !d.is_null()),
+            metadata: match fields.remove("metadata") {
+                Some(Value::Object(m)) => m,
                 _ => Map::new(),
             },
             timestamp: timestamp.floor() as i64,
-            device_id: text("device_id")?.unwrap_or_default(),
-            base_version: count("base_version")?,
-            version: count("version")?,
-            extra: fields
-                .iter()
-                .filter(|(k, _)| !KNOWN.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            device_id,
+            base_version,
+            version,
+            extra: fields,
         })
     }
 

@@ -7,8 +7,8 @@ use tokio::runtime::Handle;
 use crate::state::operation_value;
 use crate::transport::http::HttpTransport;
 
-use super::{FetchPage, HostError, PushReply, Transport};
-use crate::protocol::Operation;
+use super::{ContentSource, FetchPage, HostError, PushReply, Transport};
+use crate::protocol::{OpType, Operation};
 
 /// [`HttpTransport`] driven to completion on a tokio runtime.
 pub struct HttpLink {
@@ -57,11 +57,25 @@ impl Transport for HttpLink {
         })
     }
 
-    fn push(&mut self, device_id: &str, operations: &[Operation]) -> Result<PushReply, HostError> {
+    fn push(
+        &mut self,
+        device_id: &str,
+        operations: &[Operation],
+        content: &mut ContentSource<'_>,
+    ) -> Result<PushReply, HostError> {
+        let mut operations = operations.to_vec();
+        for op in &mut operations {
+            if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
+                op.data = content(&op.story_id)?;
+                if op.data.is_none() {
+                    op.op_type = OpType::Delete;
+                }
+            }
+        }
         let before = self.transport.traffic();
         let answer = self
             .runtime
-            .block_on(self.transport.push_operations(device_id, operations))
+            .block_on(self.transport.push_operations(device_id, &operations))
             .map_err(|e| HostError(e.to_string()))?;
         let after = self.transport.traffic();
         Ok(PushReply {

@@ -21,6 +21,7 @@
 
 mod bases;
 mod link;
+mod local;
 mod memory;
 mod scan;
 
@@ -28,6 +29,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
+
+use local::Local;
 use thiserror::Error;
 
 use crate::protocol::{
@@ -83,6 +86,11 @@ pub struct StoryEntry {
 pub trait Storage {
     fn list(&mut self) -> Result<Vec<StoryEntry>, HostError>;
     fn load(&mut self, id: &str) -> Result<Option<Value>, HostError>;
+    /// The story's [`content_hash`], `None` when it does not exist. Storages
+    /// that can hash a story where it lies override this to skip converting it.
+    fn hash(&mut self, id: &str) -> Result<Option<String>, HostError> {
+        Ok(self.load(id)?.map(|story| content_hash(Some(&story))))
+    }
     fn save(&mut self, id: &str, story: &Value) -> Result<(), HostError>;
     fn delete(&mut self, id: &str) -> Result<(), HostError>;
     /// Sets a story's metadata through a dedicated call; `Ok(false)` when the
@@ -111,10 +119,22 @@ pub struct PushReply {
     pub bytes_received: u64,
 }
 
+/// Provides a story's current content, for [`Transport::push`].
+pub type ContentSource<'a> = dyn FnMut(&str) -> Result<Option<Value>, HostError> + 'a;
+
 /// The server.
 pub trait Transport {
     fn fetch(&mut self, device_id: &str, since: u64) -> Result<FetchPage, HostError>;
-    fn push(&mut self, device_id: &str, operations: &[Operation]) -> Result<PushReply, HostError>;
+    /// Pushes operations. A create or update without `data` carries the
+    /// story's current local content: `content` provides it (a transport that
+    /// reaches the stories itself may read them its own way); one whose story
+    /// is gone is sent as a delete.
+    fn push(
+        &mut self,
+        device_id: &str,
+        operations: &[Operation],
+        content: &mut ContentSource<'_>,
+    ) -> Result<PushReply, HostError>;
 }
 
 /// Phases of a sync, reported through [`Host::progress`].
@@ -263,28 +283,53 @@ pub struct Engine {
     syncs: u64,
 }
 
-/// SHA-256 of a value's canonical JSON (without the outermost member `skip`),
-/// as 32 hex digits.
+/// Builds one part of a content hash: SHA-256 over canonical JSON written to
+/// it, as 32 hex digits. Public so that callers holding stories in another
+/// form (Lua tables) can hash them without converting them first. The text
+/// is collected and hashed in one pass: JSON arrives in many small pieces.
+#[derive(Default)]
+pub struct ContentHasher(Vec<u8>);
+
+impl ContentHasher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn finish(self) -> String {
+        Sha256::digest(&self.0)[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+impl std::io::Write for ContentHasher {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// SHA-256 of a value's canonical JSON (without the outermost member `skip`).
 fn digest(value: &Value, skip: Option<&str>) -> String {
-    struct Hashing(Sha256);
-    impl std::io::Write for Hashing {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.update(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut hashing = Hashing(Sha256::new());
-    if value.write_canonical_json(&mut hashing, skip).is_err() {
+    let mut hasher = ContentHasher::new();
+    if value.write_canonical_json(&mut hasher, skip).is_err() {
         // Not JSON (NaN, infinities): hash its debug form, which is stable too.
-        hashing.0.update(format!("{value:?}").as_bytes());
+        hasher = ContentHasher(format!("{value:?}").into_bytes());
     }
-    hashing.0.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hasher.finish()
+}
+
+/// A story's content hash from the digests of its parts (see [`content_hash`]).
+pub fn combine_hash(body: String, metadata: Option<String>) -> String {
+    match metadata {
+        Some(metadata) => format!("{body}:{metadata}"),
+        None => body,
+    }
 }
 
 /// Content hash of a story (or of its absence). A story with a `metadata`
@@ -294,10 +339,9 @@ pub fn content_hash(story: Option<&Value>) -> String {
     match story {
         None => "deleted".to_owned(),
         Some(story) => match story.get("metadata") {
-            Some(metadata) => format!(
-                "{}:{}",
+            Some(metadata) => combine_hash(
                 digest(story, Some("metadata")),
-                digest(metadata, None)
+                Some(digest(metadata, None)),
             ),
             None => digest(story, None),
         },
@@ -515,7 +559,7 @@ impl Engine {
                 round.held.insert(id.to_owned(), conflict.clone());
             }
         }
-        let mut local = scanned.current;
+        let mut local = Local::new(scanned.hashes);
         let mut settled = false;
         let mut unresolved_push: Vec<ServerConflict> = Vec::new();
         for _ in 0..MAX_PUSH_ROUNDS {
@@ -602,7 +646,7 @@ impl Engine {
             record
                 .get(name)
                 .ok_or_else(|| format!("{name} is missing"))
-                .and_then(scan::parse_remote)
+                .and_then(|op| scan::parse_remote(op.clone()))
                 .map_err(unreadable)
         };
         let (local, remote) = (op_of("local")?, op_of("remote")?);
@@ -686,7 +730,8 @@ impl Engine {
         for _ in 0..MAX_FETCH_PAGES {
             let page = transport.fetch(&self.config.device_id, since)?;
             round.report.bytes_received += page.bytes_received;
-            for (i, value) in page.operations.iter().enumerate() {
+            let received = page.operations.len();
+            for (i, value) in page.operations.into_iter().enumerate() {
                 let op = scan::parse_remote(value)
                     .map_err(|e| SyncError::InvalidRemote(format!("operation {}: {e}", i + 1)))?;
                 if op.device_id != self.config.device_id {
@@ -702,7 +747,7 @@ impl Engine {
                 done: operations.len(),
                 total: operations.len(),
             });
-            if !page.has_more || page.operations.is_empty() {
+            if !page.has_more || received == 0 {
                 break;
             }
         }
@@ -719,7 +764,7 @@ impl Engine {
         storage: &mut dyn Storage,
         state: &mut StateManager<S>,
         bases: &mut BaseStore,
-        local: &mut BTreeMap<String, Option<Value>>,
+        local: &mut Local,
         round: &mut Round,
         host: &mut dyn Host,
     ) -> Result<(), SyncError> {
@@ -740,15 +785,12 @@ impl Engine {
         let total = order.len();
         for (done, id) in order.into_iter().enumerate() {
             let remote = latest.remove(&id).expect("collected above");
-            let current = match local.get(&id) {
-                Some(content) => content.clone(),
-                None => {
-                    let content = storage.load(&id)?;
-                    local.insert(id.clone(), content.clone());
-                    content
-                }
+            // A metadata update applies to the story as it is here.
+            let current_for_metadata = match remote.op_type {
+                OpType::MetadataUpdate => local.content(storage, &id)?,
+                _ => None,
             };
-            let Some(incoming) = effective_content(&remote, current.as_ref()) else {
+            let Some(incoming) = effective_content(&remote, current_for_metadata.as_ref()) else {
                 // Metadata for a story this device does not have: nothing to apply.
                 continue;
             };
@@ -773,7 +815,7 @@ impl Engine {
                 round.set_baseline(&id, new_baseline);
                 continue;
             }
-            if content_hash(current.as_ref()) == incoming_hash {
+            if local.hash(storage, &id)? == incoming_hash {
                 round.settle_pending(&id);
                 bases.set(&id, incoming.clone());
                 round.set_baseline(&id, new_baseline);
@@ -781,7 +823,7 @@ impl Engine {
             }
             let Some(local_op) = round.latest_pending(&id).cloned() else {
                 self.apply(storage, &id, &remote, incoming.as_ref(), host, done, total)?;
-                local.insert(id.clone(), incoming.clone());
+                local.applied(&id, incoming_hash.clone());
                 bases.set(&id, incoming);
                 round.set_baseline(&id, new_baseline);
                 round.report.applied += 1;
@@ -791,6 +833,7 @@ impl Engine {
                 Some(b) if self.keeps_bases() => bases.get(state, &id, &b.hash)?,
                 _ => None,
             };
+            let current = local.content(storage, &id)?;
             let conflict = Conflict {
                 story_id: id.clone(),
                 conflict_type: ConflictType::of(Some(local_op.op_type), Some(remote.op_type)),
@@ -822,7 +865,7 @@ impl Engine {
                 }
                 Outcome::TookRemote => {
                     self.apply(storage, &id, &remote, incoming.as_ref(), host, done, total)?;
-                    local.insert(id.clone(), incoming.clone());
+                    local.set(&id, incoming.clone());
                     round.settle_pending(&id);
                     bases.set(&id, incoming.clone());
                     round.set_baseline(&id, new_baseline);
@@ -837,7 +880,7 @@ impl Engine {
                         round.settle_pending(&id);
                         round.rewrite(&id, merged.as_ref(), OpType::Update);
                     }
-                    local.insert(id.clone(), merged.clone());
+                    local.set(&id, merged.clone());
                     bases.set(&id, incoming.clone());
                     round.set_baseline(&id, new_baseline);
                     round.report.applied += 1;
@@ -845,9 +888,9 @@ impl Engine {
                 Outcome::KeptBoth { copy_id } => {
                     write_story(storage, copy_id, current.as_ref())?;
                     round.rewrite(copy_id, current.as_ref(), OpType::Create);
-                    local.insert(copy_id.clone(), current.clone());
+                    local.set(copy_id, current.clone());
                     self.apply(storage, &id, &remote, incoming.as_ref(), host, done, total)?;
-                    local.insert(id.clone(), incoming.clone());
+                    local.set(&id, incoming.clone());
                     round.settle_pending(&id);
                     bases.set(&id, incoming.clone());
                     round.set_baseline(&id, new_baseline);
@@ -973,13 +1016,13 @@ impl Engine {
         storage: &mut dyn Storage,
         state: &StateManager<S>,
         bases: &mut BaseStore,
-        local: &mut BTreeMap<String, Option<Value>>,
+        local: &mut Local,
         round: &mut Round,
         host: &mut dyn Host,
     ) -> Result<Vec<ServerConflict>, SyncError> {
-        // Each story's latest operation goes out (moved, not copied), with its
-        // content hash alongside; it returns to the queue if the server does
-        // not take it.
+        // Each story's latest operation goes out (moved, not copied), with the
+        // content hash it stands for; it returns to the queue if the server
+        // does not take it.
         let mut outgoing: Vec<Operation> = Vec::new();
         let mut hashes: Vec<Option<String>> = Vec::new();
         let stories: Vec<String> = round.pending.keys().cloned().collect();
@@ -1003,29 +1046,12 @@ impl Engine {
             op.base_version = baseline;
             op.device_id.clone_from(&self.config.device_id);
             let hash = match op.op_type {
-                OpType::Create | OpType::Update if op.data.is_none() => {
-                    let (content, hash) = match local.remove(&id) {
-                        Some(content) => (content, queued_hash(&op)),
-                        // Not read by this sync's scan: read it now.
-                        None => {
-                            let content = storage.load(&id)?;
-                            let hash = content_hash(content.as_ref());
-                            (content, hash)
-                        }
-                    };
-                    op.extra.remove(CONTENT_HASH);
-                    if content.is_none() {
-                        op.op_type = OpType::Delete;
-                    }
-                    op.data = content;
-                    op.data.is_some().then_some(hash)
-                }
-                OpType::Create | OpType::Update => Some(content_hash(op.data.as_ref())),
-                OpType::MetadataUpdate => {
-                    Some(content_hash(local.get(&id).and_then(Option::as_ref)))
-                }
+                OpType::Create | OpType::Update => Some(queued_hash(&op)),
+                OpType::MetadataUpdate => Some(local.hash(storage, &id)?),
                 OpType::Delete => None,
             };
+            // The queue's own field; the transport sends the content itself.
+            op.extra.remove(CONTENT_HASH);
             outgoing.push(op);
             hashes.push(hash);
         }
@@ -1037,7 +1063,12 @@ impl Engine {
         if outgoing.is_empty() {
             return Ok(Vec::new());
         }
-        let reply = transport.push(&self.config.device_id, &outgoing);
+        let mut content = |id: &str| {
+            local
+                .content(storage, id)
+                .map_err(|e| HostError(e.to_string()))
+        };
+        let reply = transport.push(&self.config.device_id, &outgoing, &mut content);
         let conflicted: BTreeSet<String> = match &reply {
             Ok(reply) => reply.conflicts.iter().map(|c| c.id.clone()).collect(),
             Err(_) => BTreeSet::new(),
@@ -1057,13 +1088,9 @@ impl Engine {
         let total = outgoing.len();
         for (mut op, hash) in outgoing.into_iter().zip(hashes) {
             if rejected || conflicted.contains(&op.story_id) {
-                // Back to how the queue holds it: content in local storage.
-                if matches!(op.op_type, OpType::Create | OpType::Update) {
-                    if let Some(hash) = &hash {
-                        op.extra
-                            .insert(CONTENT_HASH.to_owned(), Value::Str(hash.clone()));
-                    }
-                    local.insert(op.story_id.clone(), op.data.take());
+                if let (OpType::Create | OpType::Update, Some(hash)) = (op.op_type, &hash) {
+                    op.extra
+                        .insert(CONTENT_HASH.to_owned(), Value::Str(hash.clone()));
                 }
                 round
                     .pending
@@ -1082,11 +1109,9 @@ impl Engine {
             round.settle_pending(&op.story_id);
             round.acknowledged.push(op.id);
             round.set_baseline(&op.story_id, hash.map(|hash| Baseline { hash, version }));
-            let content = match op.op_type {
-                OpType::MetadataUpdate => local.get(&op.story_id).cloned().flatten(),
-                _ => op.data,
-            };
-            bases.set(&op.story_id, content);
+            if self.keeps_bases() {
+                bases.set(&op.story_id, local.content(storage, &op.story_id)?);
+            }
             round.report.pushed += 1;
         }
         let reply = reply?;

@@ -49,8 +49,8 @@ pub(super) struct Scanned {
     pub new_ops: Vec<Operation>,
     /// The operations already queued, by story, oldest first.
     pub queued: BTreeMap<String, Vec<Operation>>,
-    /// Content of the stories read (`None`: listed but gone).
-    pub current: BTreeMap<String, Option<Value>>,
+    /// Content hashes of the stories looked at (`"deleted"`: listed but gone).
+    pub hashes: BTreeMap<String, String>,
 }
 
 /// Compares local stories with what the state knows (the last synced version,
@@ -71,7 +71,7 @@ pub(super) fn collect<S: StateStore>(
     let mut scanned = Scanned {
         new_ops: Vec::new(),
         queued: BTreeMap::new(),
-        current: BTreeMap::new(),
+        hashes: BTreeMap::new(),
     };
     let mut listed = BTreeSet::new();
     let total = entries.len();
@@ -93,29 +93,28 @@ pub(super) fn collect<S: StateStore>(
                 total,
             });
         }
-        let Some(content) = storage.load(&entry.id)? else {
+        let Some(hash) = storage.hash(&entry.id)? else {
             continue;
         };
-        let hash = content_hash(Some(&content));
         if known.as_deref() != Some(hash.as_str()) {
             let metadata_only = known
                 .as_deref()
                 .is_some_and(|k| k != "deleted" && body_part(k) == body_part(&hash));
             let never_synced = baseline.is_none() && pending.is_none();
-            let op = change_op(
-                &entry.id,
-                &content,
-                hash,
-                metadata_only,
-                never_synced,
-                entry.updated_at,
-            );
+            let op = if metadata_only {
+                let metadata = storage
+                    .load(&entry.id)?
+                    .and_then(|story| story.get("metadata").cloned());
+                metadata_update(&entry.id, metadata, entry.updated_at)
+            } else {
+                change_op(&entry.id, hash.clone(), never_synced, entry.updated_at)
+            };
             scanned.new_ops.push(Operation {
                 device_id: config.device_id.clone(),
                 ..op
             });
         }
-        scanned.current.insert(entry.id, Some(content));
+        scanned.hashes.insert(entry.id, hash);
     }
     let tracked: BTreeSet<String> = state
         .baselines()
@@ -132,7 +131,7 @@ pub(super) fn collect<S: StateStore>(
         let mut op = Operation::new(OpType::Delete, id.clone(), None);
         op.device_id = config.device_id.clone();
         scanned.new_ops.push(op);
-        scanned.current.insert(id, None);
+        scanned.hashes.insert(id, content_hash(None));
     }
     scanned.queued = queued;
     Ok(scanned)
@@ -161,20 +160,8 @@ fn expected_hash(baseline: Option<&str>, queued: &[Operation]) -> Option<String>
         })
 }
 
-/// The queued operation recording a change to `content` (hashing to `hash`).
-fn change_op(
-    id: &str,
-    content: &Value,
-    hash: String,
-    metadata_only: bool,
-    never_synced: bool,
-    updated_at: Option<i64>,
-) -> Operation {
-    if metadata_only {
-        let mut op = Operation::new(OpType::MetadataUpdate, id, content.get("metadata").cloned());
-        op.timestamp = updated_at.unwrap_or_else(now_seconds);
-        return op;
-    }
+/// The queued operation for a story whose content now hashes to `hash`.
+fn change_op(id: &str, hash: String, never_synced: bool, updated_at: Option<i64>) -> Operation {
     let op_type = if never_synced {
         OpType::Create
     } else {
@@ -187,9 +174,16 @@ fn change_op(
     op
 }
 
+/// The queued operation for a change to a story's metadata alone.
+fn metadata_update(id: &str, metadata: Option<Value>, updated_at: Option<i64>) -> Operation {
+    let mut op = Operation::new(OpType::MetadataUpdate, id, metadata);
+    op.timestamp = updated_at.unwrap_or_else(now_seconds);
+    op
+}
+
 /// Reads an operation the server sent, rejecting anything malformed.
-pub(super) fn parse_remote(value: &Value) -> Result<Operation, String> {
-    let mut op = Operation::from_value(value)?;
+pub(super) fn parse_remote(value: Value) -> Result<Operation, String> {
+    let mut op = Operation::from_document(value)?;
     validate_story_id(&op.story_id)?;
     match (&op.data, op.op_type) {
         (Some(Value::Array(items)), _) if items.is_empty() => op.data = Some(Value::empty_object()),
@@ -235,7 +229,7 @@ mod tests {
 
     #[test]
     fn remote_operations_are_checked() {
-        let parse = |text: &str| parse_remote(&serde_json::from_str(text).unwrap());
+        let parse = |text: &str| parse_remote(serde_json::from_str(text).unwrap());
         let op = parse(r#"{"id":"1","type":"UPDATE","story_id":"s","data":{"t":1},"timestamp":5.5,"version":3}"#).unwrap();
         assert_eq!(
             (op.op_type, op.timestamp, op.version, op.device_id.as_str()),

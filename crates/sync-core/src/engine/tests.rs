@@ -66,13 +66,23 @@ impl Transport for Link {
         })
     }
 
-    fn push(&mut self, _device: &str, operations: &[Operation]) -> Result<PushReply, HostError> {
+    fn push(
+        &mut self,
+        _device: &str,
+        operations: &[Operation],
+        content: &mut ContentSource<'_>,
+    ) -> Result<PushReply, HostError> {
         let mut server = self.server.borrow_mut();
         let mut reply = PushReply {
             success: true,
             ..PushReply::default()
         };
         for op in operations {
+            let mut op = op.clone();
+            if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
+                op.data = content(&op.story_id)?;
+            }
+            let op = &op;
             if let Some(stored) = server.log.iter().find(|s| s.id == op.id) {
                 reply
                     .accepted

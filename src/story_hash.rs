@@ -1,0 +1,327 @@
+//! Content hashes of stories computed on their Lua tables in place, without
+//! converting them to documents first: a sync hashes every story it looks at,
+//! and most of them have not changed.
+//!
+//! The bytes hashed are exactly the canonical JSON `sync_core` hashes for the
+//! converted document (same array/object rule as [`raw::to_value`], keys
+//! sorted, serde_json's escaping and number formatting), so both paths give
+//! the same [`content_hash`](sync_core::engine::content_hash); the specs and a
+//! property test compare them. Anything unusual (NaN, a key that collides
+//! once stringified, cycles, invalid UTF-8, functions) is left to the
+//! document path, which hashes it or reports what is wrong with it.
+
+use std::ffi::{c_int, c_void};
+use std::io::Write;
+
+use mlua::ffi;
+use sync_core::engine::{combine_hash, ContentHasher};
+use sync_core::value::{integral, Value};
+
+use crate::raw::{self, State, MAX_DEPTH};
+
+/// The table cannot be hashed in place; convert it instead.
+#[derive(Debug)]
+pub(crate) struct NotInPlace;
+
+impl From<std::io::Error> for NotInPlace {
+    fn from(_: std::io::Error) -> Self {
+        NotInPlace
+    }
+}
+
+impl From<serde_json::Error> for NotInPlace {
+    fn from(_: serde_json::Error) -> Self {
+        NotInPlace
+    }
+}
+
+const METADATA: &[u8] = b"metadata";
+
+/// The content hash of the story table at `idx` (see `content_hash`).
+pub(crate) unsafe fn story_hash(state: State, idx: c_int) -> Result<String, NotInPlace> {
+    let idx = ffi::lua_absindex(state, idx);
+    if ffi::lua_type(state, idx) != ffi::LUA_TTABLE {
+        return Err(NotInPlace);
+    }
+    raw::ensure_stack(state, 4).map_err(|_| NotInPlace)?;
+    raw::push_bytes(state, METADATA);
+    let has_metadata = ffi::lua_rawget(state, idx) != ffi::LUA_TNIL;
+    let metadata = ffi::lua_gettop(state);
+    let mut path = Vec::new();
+    let mut body = ContentHasher::new();
+    let skip = has_metadata.then_some(METADATA);
+    let result = write_value(state, idx, &mut body, skip, &mut path).and_then(|()| {
+        if !has_metadata {
+            return Ok(None);
+        }
+        let mut hasher = ContentHasher::new();
+        write_value(state, metadata, &mut hasher, None, &mut path)?;
+        Ok(Some(hasher.finish()))
+    });
+    ffi::lua_settop(state, metadata - 1);
+    Ok(combine_hash(body.finish(), result?))
+}
+
+unsafe fn write_value(
+    state: State,
+    idx: c_int,
+    out: &mut ContentHasher,
+    skip: Option<&[u8]>,
+    path: &mut Vec<*const c_void>,
+) -> Result<(), NotInPlace> {
+    match ffi::lua_type(state, idx) {
+        ffi::LUA_TBOOLEAN => {
+            out.write_all(if ffi::lua_toboolean(state, idx) != 0 {
+                b"true"
+            } else {
+                b"false"
+            })?;
+        }
+        ffi::LUA_TNUMBER => match raw::number_at(state, idx) {
+            Value::Int(i) => write!(out, "{i}")?,
+            Value::Float(f) if !f.is_finite() => return Err(NotInPlace),
+            // As `Value` serialises floats: integral ones within 2^53 as integers.
+            Value::Float(f) => match integral(f) {
+                Some(i) if i.unsigned_abs() <= 1 << 53 => write!(out, "{i}")?,
+                _ => serde_json::to_writer(&mut *out, &f)?,
+            },
+            _ => return Err(NotInPlace),
+        },
+        ffi::LUA_TSTRING => {
+            let text = std::str::from_utf8(raw::bytes(state, idx)).map_err(|_| NotInPlace)?;
+            serde_json::to_writer(&mut *out, text)?;
+        }
+        ffi::LUA_TTABLE => write_table(state, idx, out, skip, path)?,
+        _ => return Err(NotInPlace),
+    }
+    Ok(())
+}
+
+/// How an object member's key is found again in its table.
+enum Key {
+    Text,
+    Int(i64),
+    Float(f64),
+}
+
+unsafe fn write_table(
+    state: State,
+    idx: c_int,
+    out: &mut ContentHasher,
+    skip: Option<&[u8]>,
+    path: &mut Vec<*const c_void>,
+) -> Result<(), NotInPlace> {
+    let identity = ffi::lua_topointer(state, idx);
+    if path.contains(&identity) || path.len() >= MAX_DEPTH {
+        return Err(NotInPlace);
+    }
+    raw::ensure_stack(state, 4).map_err(|_| NotInPlace)?;
+    let len = ffi::lua_rawlen(state, idx);
+    let mut indexed = 0usize;
+    let mut members: Vec<(String, Key)> = Vec::new();
+    ffi::lua_pushnil(state);
+    while ffi::lua_next(state, idx) != 0 {
+        let key = ffi::lua_gettop(state) - 1;
+        let member = match ffi::lua_type(state, key) {
+            ffi::LUA_TNUMBER => match raw::number_at(state, key) {
+                Value::Int(i) if i >= 1 && (i as u64) <= len as u64 => {
+                    indexed += 1;
+                    None
+                }
+                Value::Int(i) => Some((i.to_string(), Key::Int(i))),
+                Value::Float(f) => Some((f.to_string(), Key::Float(f))),
+                _ => None,
+            },
+            ffi::LUA_TSTRING => match std::str::from_utf8(raw::bytes(state, key)) {
+                Ok(text) => Some((text.to_owned(), Key::Text)),
+                Err(_) => {
+                    ffi::lua_settop(state, key - 1);
+                    return Err(NotInPlace);
+                }
+            },
+            _ => {
+                ffi::lua_settop(state, key - 1);
+                return Err(NotInPlace);
+            }
+        };
+        members.extend(member);
+        ffi::lua_settop(state, key);
+    }
+    path.push(identity);
+    let written = if len > 0 && indexed == len && members.is_empty() {
+        write_array(state, idx, len, out, path)
+    } else {
+        for i in 1..=len {
+            if ffi::lua_rawgeti(state, idx, i as _) != ffi::LUA_TNIL {
+                members.push((i.to_string(), Key::Int(i as i64)));
+            }
+            ffi::lua_settop(state, -2);
+        }
+        write_object(state, idx, members, out, skip, path)
+    };
+    path.pop();
+    written
+}
+
+unsafe fn write_array(
+    state: State,
+    idx: c_int,
+    len: usize,
+    out: &mut ContentHasher,
+    path: &mut Vec<*const c_void>,
+) -> Result<(), NotInPlace> {
+    out.write_all(b"[")?;
+    for i in 1..=len {
+        if i > 1 {
+            out.write_all(b",")?;
+        }
+        ffi::lua_rawgeti(state, idx, i as _);
+        let item = write_value(state, ffi::lua_gettop(state), out, None, path);
+        ffi::lua_settop(state, -2);
+        item?;
+    }
+    out.write_all(b"]")?;
+    Ok(())
+}
+
+unsafe fn write_object(
+    state: State,
+    idx: c_int,
+    mut members: Vec<(String, Key)>,
+    out: &mut ContentHasher,
+    skip: Option<&[u8]>,
+    path: &mut Vec<*const c_void>,
+) -> Result<(), NotInPlace> {
+    members.sort_by(|a, b| a.0.cmp(&b.0));
+    // Two keys with one text (1 and "1") would be one member of the document.
+    if members.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+        return Err(NotInPlace);
+    }
+    out.write_all(b"{")?;
+    let mut first = true;
+    for (name, key) in &members {
+        if skip == Some(name.as_bytes()) {
+            continue;
+        }
+        if !first {
+            out.write_all(b",")?;
+        }
+        first = false;
+        serde_json::to_writer(&mut *out, name.as_str())?;
+        out.write_all(b":")?;
+        match key {
+            Key::Text => {
+                raw::push_str(state, name);
+                ffi::lua_rawget(state, idx);
+            }
+            Key::Int(i) => {
+                ffi::lua_rawgeti(state, idx, *i as _);
+            }
+            Key::Float(f) => {
+                ffi::lua_pushnumber(state, *f);
+                ffi::lua_rawget(state, idx);
+            }
+        }
+        let member = write_value(state, ffi::lua_gettop(state), out, None, path);
+        ffi::lua_settop(state, -2);
+        member?;
+    }
+    out.write_all(b"}")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use mlua::Lua;
+    use proptest::prelude::*;
+    use sync_core::engine::content_hash;
+
+    use crate::raw;
+
+    /// Lua source for a value: scalars of every kind the document model
+    /// distinguishes, and tables with string, integer and float keys.
+    fn lua_value(depth: u32) -> BoxedStrategy<String> {
+        let scalar = prop_oneof![
+            any::<bool>().prop_map(|b| b.to_string()),
+            (-1000i64..1000).prop_map(|i| i.to_string()),
+            prop_oneof![
+                Just("0.5"),
+                Just("-2.25"),
+                Just("1e20"),
+                Just("0.1"),
+                Just("3.0"),
+                Just("-0.0"),
+                Just("2^53"),
+                Just("2^60")
+            ]
+            .prop_map(str::to_owned),
+            "[a-z \"\\\\\n\t\u{1}\u{7f}é中]{0,8}".prop_map(|s| format!("{s:?}")),
+        ];
+        if depth == 0 {
+            return scalar.boxed();
+        }
+        let key = prop_oneof![
+            "[a-z]{1,5}".prop_map(|k| format!("[{k:?}]")),
+            (1i64..6).prop_map(|i| format!("[{i}]")),
+            (-3i64..20).prop_map(|i| format!("[{i}]")),
+            Just("[1.5]".to_owned()),
+            Just("[\"metadata\"]".to_owned()),
+        ];
+        let table = prop_oneof![
+            prop::collection::vec(lua_value(depth - 1), 0..5)
+                .prop_map(|items| format!("{{{}}}", items.join(","))),
+            prop::collection::vec((key, lua_value(depth - 1)), 0..6).prop_map(|members| {
+                let fields: Vec<String> = members
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                format!("{{{}}}", fields.join(","))
+            }),
+        ];
+        prop_oneof![scalar, table].boxed()
+    }
+
+    #[test]
+    fn a_typical_story_is_hashed_in_place() {
+        let lua = Lua::new();
+        let source = r#"return { title = "Cave", passages = { { name = "Start", text = "It is dark.\n", tags = {} } },
+            sparse = { [1] = "a", [3] = "c" }, ratio = 0.25, count = 3.0, metadata = { tags = { "draft" } } }"#;
+        let table: mlua::Value = lua.load(source).eval().unwrap();
+        let mut hashes = (None, None);
+        raw::with_stack(&lua, table, |state| unsafe {
+            hashes = (
+                super::story_hash(state, 1).ok(),
+                raw::to_value(state, 1).ok(),
+            );
+            Ok::<(), ()>(())
+        })
+        .unwrap()
+        .unwrap();
+        let (in_place, document) = hashes;
+        let expected = content_hash(Some(&document.unwrap()));
+        assert!(expected.contains(':'), "the metadata is hashed apart");
+        assert_eq!(in_place, Some(expected));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn hashing_in_place_matches_hashing_the_document(source in lua_value(3).prop_filter("a table", |s| s.starts_with('{'))) {
+            let lua = Lua::new();
+            let table: mlua::Value = lua.load(format!("return {source}")).eval().unwrap();
+            let mut in_place = None;
+            let mut document = None;
+            raw::with_stack(&lua, table, |state| unsafe {
+                in_place = super::story_hash(state, 1).ok();
+                document = raw::to_value(state, 1).ok();
+                Ok::<(), ()>(())
+            })
+            .unwrap()
+            .unwrap();
+            // Tables the document path cannot take are outside the property.
+            if let (Some(hash), Some(document)) = (in_place, document) {
+                prop_assert_eq!(hash, content_hash(Some(&document)), "{}", source);
+            }
+        }
+    }
+}
