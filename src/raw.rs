@@ -375,7 +375,12 @@ pub(crate) unsafe fn deep_equal(
     )
 }
 
-unsafe fn equal_at(state: State, a: c_int, b: c_int, depth: usize) -> Result<bool, ConvertErrorKind> {
+unsafe fn equal_at(
+    state: State,
+    a: c_int,
+    b: c_int,
+    depth: usize,
+) -> Result<bool, ConvertErrorKind> {
     // Raw equality settles most values in one call: the same table, equal
     // strings, and numbers (Lua compares 1 and 1.0 as equal).
     if ffi::lua_rawequal(state, a, b) != 0 {
@@ -390,7 +395,12 @@ unsafe fn equal_at(state: State, a: c_int, b: c_int, depth: usize) -> Result<boo
     }
 }
 
-unsafe fn tables_equal(state: State, a: c_int, b: c_int, depth: usize) -> Result<bool, ConvertErrorKind> {
+unsafe fn tables_equal(
+    state: State,
+    a: c_int,
+    b: c_int,
+    depth: usize,
+) -> Result<bool, ConvertErrorKind> {
     if depth >= MAX_DEPTH {
         return Err(ConvertErrorKind::TooDeep);
     }
