@@ -368,6 +368,11 @@ describe("sync engine", function()
       assert.equal('no unresolved conflict for story "s1"', err)
     end)
 
+    it("rejects a malformed subset", function()
+      assert.has_error(function() SyncEngine.new({ selective = { stories = "chapter-*" } }) end,
+        "selective.stories must be a list of strings")
+    end)
+
     it("rejects an unknown strategy", function()
       assert.has_error(function() SyncEngine.new({ conflict_strategy = "coin_flip" }) end,
         "Unknown conflict strategy: coin_flip")
@@ -458,6 +463,26 @@ describe("syncing through the reference server", function()
     local after = a.state:get_stats()
     assert.equal(before.bandwidth_sent_bytes, after.bandwidth_sent_bytes)
     assert.is_true(after.bandwidth_received_bytes - before.bandwidth_received_bytes < 1024)
+  end)
+
+  it("syncs only the chosen subset, and widening it fetches the rest", function()
+    local a = device("laptop")
+    a.storage:save_story("chapter-1", { title = "One" })
+    a.storage:save_story("intro", { title = "Intro", tags = { "published" } })
+    a.storage:save_story("notes", { title = "Notes" })
+    assert(a.engine:sync_now())
+    local storage = story_service()
+    local function engine_with(selective)
+      return SyncEngine.new({ storage = storage, device_id = "desktop", selective = selective,
+        transport = HTTPTransport.new({ base_url = server.url, api_key = server.api_key, timeout = 5 }) })
+    end
+    assert(engine_with({ stories = { "chapter-*" } }):sync_now())
+    assert.same({ ["chapter-1"] = "One" }, storage:titles())
+    storage:save_story("scratch", { title = "Only here" })
+    assert(engine_with({ stories = { "chapter-*" }, tags = { "published" } }):sync_now())
+    assert.same({ ["chapter-1"] = "One", intro = "Intro", scratch = "Only here" }, storage:titles())
+    assert(a.engine:sync_now())
+    assert.is_nil(a.storage:titles().scratch)
   end)
 
   it("applies a change pushed over WebSocket within a second", function()

@@ -22,7 +22,7 @@ use mlua::{ffi, AnyUserData, Function, Lua, MultiValue, Table, UserData, Value a
 use sync_core::engine::{
     content_hash, write_outcome, Conflict, ContentSource, Decision, Engine, EngineConfig,
     FetchPage, Host, HostError, MemoryStore, Outcome, Progress, PushReply, Storage, StoryEntry,
-    SyncError, SyncReport, Transport,
+    StoryFilter, SyncError, SyncReport, Transport,
 };
 use sync_core::protocol::{now_seconds, ConflictStrategy, ConflictType, OpType, Operation};
 use sync_core::state::{status, StateManager};
@@ -258,7 +258,23 @@ impl Storage for LuaStorage {
                 Ok(LuaValue::Number(t)) if t.is_finite() => Some(t.floor() as i64),
                 _ => None,
             };
-            stories.push(StoryEntry { id, updated_at });
+            // whisker-core's StorageService lists each story's tags.
+            let tags = match entry.get::<LuaValue>("tags") {
+                Ok(LuaValue::Table(tags)) => Some(
+                    tags.sequence_values::<LuaValue>()
+                        .filter_map(|tag| match tag {
+                            Ok(LuaValue::String(tag)) => Some(tag.to_string_lossy()),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            };
+            stories.push(StoryEntry {
+                id,
+                updated_at,
+                tags,
+            });
         }
         Ok(stories)
     }
@@ -827,17 +843,23 @@ fn new_engine(lua: &Lua, (this, config): (Table, Table)) -> mlua::Result<MultiVa
             EngineState::Memory(manager) => manager.device_id().to_owned(),
         },
     };
+    let filter = match selective_filter(&config) {
+        Ok(filter) => filter,
+        Err(e) => return failure(lua, e),
+    };
     let signals = Rc::new(Signals::default());
     let tracks_events = match &storage {
         Some(storage) => listen_to_storage(lua, storage, &signals)?,
         None => false,
     };
+    let mut engine = Engine::new(EngineConfig {
+        device_id: device_id.clone(),
+        strategy,
+        tracks_events,
+    });
+    engine.set_filter(filter);
     let handle = EngineHandle {
-        engine: RefCell::new(Engine::new(EngineConfig {
-            device_id: device_id.clone(),
-            strategy,
-            tracks_events,
-        })),
+        engine: RefCell::new(engine),
         state: RefCell::new(state),
         signals,
         next_sync: Cell::new(None),
@@ -849,6 +871,36 @@ fn new_engine(lua: &Lua, (this, config): (Table, Table)) -> mlua::Result<MultiVa
         LuaValue::String(lua.create_string(&device_id)?),
         LuaValue::String(lua.create_string(strategy.as_str())?),
     ]))
+}
+
+/// `config.selective = {stories = {patterns…}, tags = {tags…}}`: the stories
+/// this device syncs (all of them without it).
+fn selective_filter(config: &Table) -> Result<StoryFilter, String> {
+    let selective = match config.get::<LuaValue>("selective") {
+        Ok(LuaValue::Table(t)) => t,
+        Ok(LuaValue::Nil) => return Ok(StoryFilter::default()),
+        Ok(other) => {
+            return Err(format!(
+                "selective must be a table, got {}",
+                other.type_name()
+            ))
+        }
+        Err(e) => return Err(callback_message(&e)),
+    };
+    let list = |name: &str| -> Result<Vec<String>, String> {
+        match selective.get::<LuaValue>(name) {
+            Ok(LuaValue::Nil) => Ok(Vec::new()),
+            Ok(LuaValue::Table(items)) => items
+                .sequence_values::<LuaValue>()
+                .map(|item| match item {
+                    Ok(LuaValue::String(s)) => Ok(s.to_string_lossy()),
+                    _ => Err(format!("selective.{name} must be a list of strings")),
+                })
+                .collect(),
+            _ => Err(format!("selective.{name} must be a list of strings")),
+        }
+    };
+    StoryFilter::new(list("stories")?, list("tags")?)
 }
 
 fn has_backend(storage: &Table) -> bool {

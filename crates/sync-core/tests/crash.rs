@@ -99,6 +99,7 @@ impl Storage for FileStories {
             .map(|id| StoryEntry {
                 id,
                 updated_at: None,
+                tags: None,
             })
             .collect())
     }

@@ -55,6 +55,7 @@ impl Storage for MemoryStorage {
             .map(|id| StoryEntry {
                 id: id.clone(),
                 updated_at: None,
+                tags: None,
             })
             .collect())
     }

@@ -20,6 +20,7 @@
 //! 5. Only winners are applied; a winning remote delete deletes.
 
 mod bases;
+mod filter;
 mod link;
 mod local;
 mod memory;
@@ -43,6 +44,7 @@ use crate::value::{Map, Value};
 use crate::wire::ServerConflict;
 
 pub use bases::BaseStore;
+pub use filter::{glob_match, story_tags, StoryFilter};
 pub use link::HttpLink;
 pub use memory::{MemoryStorage, MemoryStore};
 pub use scan::validate_story_id;
@@ -80,6 +82,9 @@ pub struct StoryEntry {
     pub id: String,
     /// Unix seconds of the last local save, when the storage records it.
     pub updated_at: Option<i64>,
+    /// The story's tags, when the storage lists them (selective sync by tag
+    /// then needs no story to be read).
+    pub tags: Option<Vec<String>>,
 }
 
 /// The stories on this device.
@@ -275,9 +280,13 @@ const MAX_PUSH_ROUNDS: usize = 4;
 /// events, in case one changed without an event.
 const FULL_SCAN_EVERY: u64 = 20;
 
+/// Where the state records the selective-sync filter last used.
+const FILTER_KEY: &str = "story_filter";
+
 /// A sync engine for one device.
 pub struct Engine {
     config: EngineConfig,
+    filter: StoryFilter,
     dirty: BTreeSet<String>,
     full_scan_due: bool,
     syncs: u64,
@@ -450,6 +459,7 @@ impl Engine {
     pub fn new(config: EngineConfig) -> Self {
         Engine {
             config,
+            filter: StoryFilter::default(),
             dirty: BTreeSet::new(),
             full_scan_due: true,
             syncs: 0,
@@ -467,6 +477,17 @@ impl Engine {
     /// Whether base snapshots are kept: only three-way merging needs them.
     fn keeps_bases(&self) -> bool {
         self.config.strategy == ConflictStrategy::AutoMerge
+    }
+
+    /// Limits syncing to the stories `filter` admits (selective sync). When
+    /// the filter differs from the one the state last recorded, the next sync
+    /// fetches from the beginning, so newly admitted stories arrive.
+    pub fn set_filter(&mut self, filter: StoryFilter) {
+        self.filter = filter;
+    }
+
+    pub fn filter(&self) -> &StoryFilter {
+        &self.filter
     }
 
     /// Notes that a story changed (from a storage event).
@@ -501,6 +522,7 @@ impl Engine {
         let dirty = std::mem::take(&mut self.dirty);
         let scanned = scan::collect(
             &self.config,
+            &self.filter,
             storage,
             state,
             scan::Scope {
@@ -535,13 +557,23 @@ impl Engine {
             });
         };
 
+        let fingerprint = self.filter.fingerprint();
+        let recorded = state.state().extra.get(FILTER_KEY).and_then(Value::as_str);
+        let filter_changed =
+            recorded.unwrap_or(&StoryFilter::default().fingerprint()) != fingerprint;
         let mut round = Round {
             baselines: BTreeMap::new(),
             pending,
             acknowledged: Vec::new(),
             held: BTreeMap::new(),
             conflicts_changed: false,
-            server_version: state.server_version(),
+            // A changed subset starts over from a snapshot, so stories the
+            // old filter skipped arrive now.
+            server_version: if filter_changed {
+                0
+            } else {
+                state.server_version()
+            },
             report: SyncReport {
                 exchanged: true,
                 ..SyncReport::default()
@@ -616,6 +648,12 @@ impl Engine {
         })?;
         if !settled {
             return Err(SyncError::Unsettled(MAX_PUSH_ROUNDS));
+        }
+        if filter_changed {
+            state.update(|s| {
+                s.extra
+                    .insert(FILTER_KEY.to_owned(), Value::Str(fingerprint));
+            })?;
         }
         host.progress(Progress {
             step: Step::Complete,
@@ -794,6 +832,17 @@ impl Engine {
                 // Metadata for a story this device does not have: nothing to apply.
                 continue;
             };
+            let admitted = match self.filter.admits_id(&id) {
+                Some(admitted) => admitted,
+                None => match &incoming {
+                    Some(story) => self.filter.admits_tags(story_tags(story)),
+                    // A delete concerns this device if it has synced the story.
+                    None => round.baseline(state, &id).is_some(),
+                },
+            };
+            if !admitted {
+                continue;
+            }
             let version = remote.version.unwrap_or(round.server_version);
             let incoming_hash = content_hash(incoming.as_ref());
             let new_baseline = incoming.as_ref().map(|_| Baseline {
@@ -1038,6 +1087,21 @@ impl Engine {
             if never_pushed {
                 // Created and deleted before the server ever saw it.
                 round.settle_pending(&id);
+                continue;
+            }
+            let admitted = match self.filter.admits_id(&id) {
+                Some(admitted) => admitted,
+                None if round
+                    .latest_pending(&id)
+                    .is_some_and(|op| op.op_type == OpType::Delete) =>
+                {
+                    true
+                }
+                None => local
+                    .content(storage, &id)?
+                    .is_some_and(|story| self.filter.admits_tags(story_tags(&story))),
+            };
+            if !admitted {
                 continue;
             }
             let Some(mut op) = round.pending.get_mut(&id).and_then(Vec::pop) else {

@@ -7,8 +7,8 @@ use crate::state::{StateManager, StateStore};
 use crate::value::{Map, Value};
 
 use super::{
-    body_part, content_hash, is_reserved, queued_change, queued_hash, EngineConfig, Host, Progress,
-    Step, Storage, SyncError,
+    body_part, content_hash, is_reserved, queued_change, queued_hash, story_tags, EngineConfig,
+    Host, Progress, Step, Storage, StoryFilter, SyncError,
 };
 
 /// Longest story id accepted, in bytes.
@@ -58,6 +58,7 @@ pub(super) struct Scanned {
 /// each difference.
 pub(super) fn collect<S: StateStore>(
     config: &EngineConfig,
+    filter: &StoryFilter,
     storage: &mut dyn Storage,
     state: &StateManager<S>,
     scope: Scope<'_>,
@@ -80,6 +81,18 @@ pub(super) fn collect<S: StateStore>(
             continue;
         }
         listed.insert(entry.id.clone());
+        let admitted = match filter.admits_id(&entry.id) {
+            Some(admitted) => admitted,
+            None => match &entry.tags {
+                Some(tags) => filter.admits_tags(tags.iter().map(String::as_str)),
+                None => storage
+                    .load(&entry.id)?
+                    .is_some_and(|story| filter.admits_tags(story_tags(&story))),
+            },
+        };
+        if !admitted {
+            continue;
+        }
         let baseline = state.baseline(&entry.id).map(|b| b.hash.as_str());
         let pending = queued.get(&entry.id);
         let known = expected_hash(baseline, pending.map_or(&[][..], Vec::as_slice));
@@ -124,6 +137,9 @@ pub(super) fn collect<S: StateStore>(
         .cloned()
         .collect();
     for id in tracked {
+        if filter.admits_id(&id) == Some(false) {
+            continue;
+        }
         let latest = queued.get(&id).and_then(|ops| ops.last());
         if latest.is_some_and(|op| op.op_type == OpType::Delete) {
             continue;

@@ -520,3 +520,62 @@ fn state_is_recorded_under_the_reserved_key() {
     assert!(a.state.store().get(STATE_KEY).is_some());
     assert_eq!(a.state.state().stats.total_syncs, 1);
 }
+
+#[test]
+fn a_device_syncs_only_its_subset_and_widening_it_fetches_the_rest() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("chapter-1", r#"{"title":"One"}"#);
+    a.write("chapter-2", r#"{"title":"Two"}"#);
+    a.write("intro", r#"{"title":"Intro"}"#);
+    a.sync().unwrap();
+    b.engine
+        .set_filter(StoryFilter::new(vec!["chapter-*".into()], vec![]).unwrap());
+    b.write("notes", r#"{"title":"Private notes"}"#);
+    b.sync().unwrap();
+    let ids: Vec<&String> = b.storage.stories.keys().collect();
+    assert_eq!(ids, ["chapter-1", "chapter-2", "notes"]);
+    assert!(
+        s.borrow().log.iter().all(|op| op.story_id != "notes"),
+        "outside the subset: not pushed"
+    );
+    // Changes outside the subset keep staying away.
+    a.write("intro", r#"{"title":"Intro, edited"}"#);
+    a.sync().unwrap();
+    b.sync().unwrap();
+    assert_eq!(b.story("intro"), None);
+    b.engine
+        .set_filter(StoryFilter::new(vec!["chapter-*".into(), "intro".into()], vec![]).unwrap());
+    b.sync().unwrap();
+    assert_eq!(b.story("intro").unwrap(), r#"{"title":"Intro, edited"}"#);
+    assert_eq!(b.sync().unwrap().pushed, 0);
+}
+
+#[test]
+fn a_device_can_sync_by_tag() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("cave", r#"{"title":"Cave","tags":["published"]}"#);
+    a.write(
+        "tower",
+        r#"{"title":"Tower","metadata":{"tags":["published","long"]}}"#,
+    );
+    a.write("draft", r#"{"title":"Draft","tags":["draft"]}"#);
+    a.sync().unwrap();
+    b.engine
+        .set_filter(StoryFilter::new(vec![], vec!["published".into()]).unwrap());
+    b.sync().unwrap();
+    let ids: Vec<&String> = b.storage.stories.keys().collect();
+    assert_eq!(ids, ["cave", "tower"]);
+    // Deletes of stories it synced still reach it.
+    a.storage.stories.remove("cave");
+    a.sync().unwrap();
+    b.sync().unwrap();
+    assert_eq!(b.story("cave"), None);
+}

@@ -3,6 +3,7 @@
 --
 --     whisker sync config --url <url> --key <key> [--transport http|websocket]
 --                         [--interval <ms>] [--device-name <name>] [--strategy <s>]
+--                         [--only <patterns>] [--tags <tags>] [--all]
 --     whisker sync now | start | stop | status [--json] | stats [--json]
 --     whisker sync reset [--yes]
 --     whisker sync conflicts [--json]
@@ -57,13 +58,19 @@ local VALUE_FLAGS = {
   ["--device-name"] = "device_name",
   ["--strategy"] = "conflict_strategy",
   ["--use"] = "use",
+  ["--only"] = "only",
+  ["--tags"] = "tags",
 }
+
+-- Options whose value is a comma-separated list.
+local LIST_FIELDS = { only = true, tags = true }
 
 -- Options without a value: flag → parsed field (set to true).
 local SWITCHES = {
   ["--json"] = "json",
   ["--yes"] = "yes",
   ["-y"] = "yes",
+  ["--all"] = "all",
   ["--help"] = "help",
   ["-h"] = "help",
 }
@@ -72,7 +79,7 @@ local SWITCHES = {
 -- whether it takes positional arguments.
 local ACCEPTS = {
   config = { url = true, key = true, transport = true, sync_interval = true, device_name = true,
-    conflict_strategy = true },
+    conflict_strategy = true, only = true, tags = true, all = true },
   start = {},
   stop = {},
   now = {},
@@ -278,6 +285,21 @@ local function write_private(path, text)
     return false, rename_err
   end
   return true
+end
+
+--- The selective-sync subset of a configuration, in words.
+local function describe_subset(config)
+  local parts = {}
+  if type(config.only) == "table" and #config.only > 0 then
+    parts[#parts + 1] = "stories matching " .. table.concat(config.only, ", ")
+  end
+  if type(config.tags) == "table" and #config.tags > 0 then
+    parts[#parts + 1] = "stories tagged " .. table.concat(config.tags, ", ")
+  end
+  if #parts == 0 then
+    return "all stories"
+  end
+  return table.concat(parts, " or ")
 end
 
 --- The HTTP base URL for a configured URL (a `ws://…/ws` URL is mapped back).
@@ -515,6 +537,7 @@ function SyncCommand:create_sync_engine(config, storage)
     device_id = device_id,
     sync_interval = config and tonumber(config.sync_interval) or SyncCommand.DEFAULT_INTERVAL,
     conflict_strategy = config and config.conflict_strategy or "last_write_wins",
+    selective = config and { stories = config.only, tags = config.tags } or nil,
   })
   if not ok then
     return nil, clean(engine)
@@ -650,6 +673,20 @@ function SyncCommand:parse_args(args)
           parsed.sync_interval = math.floor(n)
           parsed._given.sync_interval = true
         end
+      elseif LIST_FIELDS[field] then
+        local items = {}
+        for item in tostring(value):gmatch("[^,]+") do
+          item = item:match("^%s*(.-)%s*$")
+          if item ~= "" then
+            items[#items + 1] = item
+          end
+        end
+        if #items == 0 then
+          parsed.errors[#parsed.errors + 1] = flag .. " needs at least one name"
+        else
+          parsed[field] = items
+          parsed._given[field] = true
+        end
       else
         parsed[field] = value
         parsed._given[field] = true
@@ -781,6 +818,9 @@ Examples:
   whisker sync status
   whisker sync stats
 
+  # Sync only some stories on this device
+  whisker sync config --only 'chapter-*' --tags published
+
   # Resolve a conflict (with --strategy manual)
   whisker sync conflicts
   whisker sync conflicts resolve my-story --use local
@@ -795,7 +835,12 @@ Options:
                            auto_merge, keep_both or manual (default: last_write_wins)
   --json                   Machine-readable output (status, stats, conflicts)
   --yes, -y                Reset without asking
-  --use <version>          For 'conflicts resolve': local, remote or both]])
+  --use <version>          For 'conflicts resolve': local, remote or both
+  --only <patterns>        Sync only stories whose id matches (comma-separated,
+                           * and ? wildcards), e.g. --only 'chapter-*,intro'
+  --tags <tags>            Sync only stories with one of these tags (with
+                           --only: stories matching either)
+  --all                    Sync every story again (clears --only and --tags)]])
   return 0
 end
 
@@ -841,6 +886,15 @@ function SyncCommand:cmd_config(parsed)
   take("sync_interval", "sync_interval", SyncCommand.DEFAULT_INTERVAL)
   take("device_name", "device_name", "Unknown Device")
   take("conflict_strategy", "conflict_strategy", "last_write_wins")
+  if given("all") then
+    config.only, config.tags = nil, nil
+  end
+  if given("only") then
+    config.only = parsed.only
+  end
+  if given("tags") then
+    config.tags = parsed.tags
+  end
 
   if type(config.url) ~= "string" or config.url == "" then
     return self:_fail("--url is required")
@@ -875,6 +929,7 @@ function SyncCommand:cmd_config(parsed)
   self:_print("  Interval: " .. int(config.sync_interval) .. "ms")
   self:_print("  Strategy: " .. config.conflict_strategy)
   self:_print("  Device name: " .. tostring(config.device_name))
+  self:_print("  Syncing: " .. describe_subset(config))
   return 0
 end
 
@@ -1260,6 +1315,7 @@ function SyncCommand:cmd_status(parsed)
       seconds_since_last_sync = since >= 0 and math.floor(since) or nil,
       server = config and { url = config.url, transport = config.transport or "http" } or nil,
       device = { id = state_mgr:get_device_id(), name = device_name },
+      selective = config and { stories = config.only or {}, tags = config.tags or {} } or nil,
       pending_operations = state_mgr:get_pending_count(),
       unresolved_conflicts = #conflicts,
       conflicts = ids,
@@ -1284,6 +1340,9 @@ function SyncCommand:cmd_status(parsed)
     self:_print("Server: not configured (run 'whisker sync config --url <url> --key <key>')")
   end
   self:_print("Device: " .. tostring(device_name) .. " (" .. state_mgr:get_device_id() .. ")")
+  if config then
+    self:_print("Syncing: " .. describe_subset(config))
+  end
   self:_print("Pending: " .. int(state_mgr:get_pending_count()) .. " operations")
   if #conflicts == 0 then
     self:_print("Conflicts: none")

@@ -57,6 +57,9 @@ SyncEngine.Status = {
 --   `sync_interval` (milliseconds, default 60000),
 --   `conflict_strategy` (`last_write_wins` (default), `auto_merge`,
 --   `keep_both`, `manual`),
+--   `selective` (`{stories = {patterns…}, tags = {tags…}}`: sync only the
+--   stories whose id matches a pattern (`*`, `?` wildcards) or that carry
+--   one of the tags; changing it fetches what it newly includes),
 --   `conflict_resolver` or `on_conflict` (function(conflict) for the manual
 --   strategy; returns `{winner = "local"|"remote"|"both"}`, `{winner = ..., data = story}`,
 --   or the story itself; `nil` leaves the conflict for `resolve_conflict`).
