@@ -7,8 +7,10 @@
 // Each test file uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+pub mod proxy;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -63,18 +65,28 @@ impl Server {
         Server::start_with(&[])
     }
 
-    /// A server with extra `serve` arguments (paths relative to its directory).
-    pub fn start_with(extra: &[&str]) -> Server {
+    /// A server started through `sh -c '<shell>; exec server …'`.
+    pub fn start_under_shell(shell: &str) -> Server {
+        let dir = Server::new_database();
+        Server::serve_under_shell(dir, "127.0.0.1:0", &[], shell)
+    }
+
+    /// A temporary directory with a database that accepts [`KEY`].
+    fn new_database() -> TempDir {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = dir.path().join("sync.db");
         let status = Command::new(server_binary())
             .args(["keys", "add", "--key", KEY, "--db"])
-            .arg(&db)
+            .arg(dir.path().join("sync.db"))
             .stdout(Stdio::null())
             .status()
             .expect("run whisker-sync-server keys add");
         assert!(status.success(), "keys add failed");
-        Server::serve_with(dir, "127.0.0.1:0", extra)
+        dir
+    }
+
+    /// A server with extra `serve` arguments (paths relative to its directory).
+    pub fn start_with(extra: &[&str]) -> Server {
+        Server::serve_with(Server::new_database(), "127.0.0.1:0", extra)
     }
 
     pub fn serve(dir: TempDir, listen: &str) -> Server {
@@ -82,13 +94,31 @@ impl Server {
     }
 
     pub fn serve_with(dir: TempDir, listen: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(server_binary())
+        Server::serve_command(Command::new(server_binary()), dir, listen, extra)
+    }
+
+    /// Like [`Server::serve_with`], through `sh -c '<shell>; exec server …'`:
+    /// the shell sets up the process (signal dispositions, limits) first.
+    pub fn serve_under_shell(dir: TempDir, listen: &str, extra: &[&str], shell: &str) -> Server {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("{shell}; exec \"$0\" \"$@\""))
+            .arg(server_binary());
+        Server::serve_command(command, dir, listen, extra)
+    }
+
+    /// Starts `command` (the server binary, or something that execs it) with
+    /// the `serve` arguments; its log goes to `server.log` in `dir`.
+    fn serve_command(mut command: Command, dir: TempDir, listen: &str, extra: &[&str]) -> Server {
+        let log = std::fs::File::create(dir.path().join("server.log")).expect("server log");
+        let mut child = command
             .current_dir(dir.path())
             .args(["serve", "--listen", listen, "--db"])
             .arg(dir.path().join("sync.db"))
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start whisker-sync-server");
         let stdout = child.stdout.take().expect("server stdout");
@@ -122,6 +152,31 @@ impl Server {
         format!("ws://{}/ws", self.addr)
     }
 
+    /// The server's log (stderr) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGKILL (the process is reaped by [`Server::stop`] or drop).
+    pub fn kill9(&self) {
+        kill9(self.child.id());
+    }
+
+    /// A counter or gauge from the server's `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let mut stream = TcpStream::connect(self.addr).expect("connect to metrics");
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("metrics");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    }
+
     pub fn stop(mut self) -> (TempDir, SocketAddr) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -135,6 +190,32 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// SIGKILL to a process this test started.
+pub fn kill9(pid: u32) {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .expect("a child's pid");
+    // The process may already be gone; that is what was wanted.
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+}
+
+/// Appends a measured figure (one line) to the file named by
+/// `WHISKER_RELIABILITY_REPORT`, which `make test` prints at the end (and
+/// always prints it, for `--nocapture` runs).
+pub fn figure(line: &str) {
+    println!("figure: {line}");
+    if let Some(path) = std::env::var_os("WHISKER_RELIABILITY_REPORT") {
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "{line}");
+        }
     }
 }
 
