@@ -93,6 +93,9 @@ pub struct Baseline {
     pub hash: String,
     /// Server version the story was last synced at.
     pub version: u64,
+    /// The storage's `updated_at` of the story when it last had that content
+    /// (lets a scan skip reading stories whose `updated_at` is unchanged).
+    pub updated_at: Option<i64>,
 }
 
 /// Counters of `get_stats()`; all integers.
@@ -459,10 +462,13 @@ impl<S: StateStore> StateManager<S> {
             .baselines
             .iter()
             .map(|(id, b)| {
-                let entry = Map::from([
+                let mut entry = Map::from([
                     ("hash".to_owned(), Value::Str(b.hash.clone())),
                     ("version".to_owned(), uint(b.version)),
                 ]);
+                if let Some(updated_at) = b.updated_at {
+                    entry.insert("updated_at".to_owned(), int(updated_at));
+                }
                 (id.clone(), Value::Object(entry))
             })
             .collect();
@@ -866,6 +872,7 @@ fn apply_record(
                 for (id, entry) in map {
                     let hash = entry.get("hash").and_then(Value::as_str);
                     let version = entry.get("version").and_then(whole);
+                    let updated_at = entry.get("updated_at").and_then(Value::as_i64);
                     match (hash, version) {
                         (Some(hash), Some(version)) => {
                             state.baselines.insert(
@@ -873,6 +880,7 @@ fn apply_record(
                                 Baseline {
                                     hash: hash.to_owned(),
                                     version,
+                                    updated_at,
                                 },
                             );
                         }
@@ -1100,6 +1108,7 @@ mod tests {
                 Some(Baseline {
                     hash: "h".into(),
                     version: 7,
+                    updated_at: Some(1_700_000_000),
                 }),
             )],
             acknowledged: vec![ops[0].id.clone()],

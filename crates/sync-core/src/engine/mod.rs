@@ -517,8 +517,8 @@ impl Engine {
             total: 0,
         });
         let mut bases = BaseStore::new(self.keeps_bases());
-        let full =
-            self.full_scan_due || !self.config.tracks_events || self.syncs % FULL_SCAN_EVERY == 0;
+        let deep = self.syncs % FULL_SCAN_EVERY == 0;
+        let full = self.full_scan_due || !self.config.tracks_events || deep;
         let dirty = std::mem::take(&mut self.dirty);
         let scanned = scan::collect(
             &self.config,
@@ -527,6 +527,7 @@ impl Engine {
             state,
             scan::Scope {
                 full,
+                deep,
                 dirty: &dirty,
             },
             host,
@@ -591,6 +592,8 @@ impl Engine {
                 round.held.insert(id.to_owned(), conflict.clone());
             }
         }
+        let times = scanned.times;
+        let scanned_hashes = scanned.hashes.clone();
         let mut local = Local::new(scanned.hashes);
         let mut settled = false;
         let mut unresolved_push: Vec<ServerConflict> = Vec::new();
@@ -623,6 +626,21 @@ impl Engine {
             done: 0,
             total: 0,
         });
+        // Stories whose content is what was synced: remember their
+        // `updated_at`, so the next scan can skip them while it is unchanged.
+        for (id, time) in times {
+            let Some(baseline) = round.baseline(state, &id) else {
+                continue;
+            };
+            if scanned_hashes.get(&id) == Some(&baseline.hash) && baseline.updated_at != Some(time)
+            {
+                let touched = Baseline {
+                    updated_at: Some(time),
+                    ..baseline.clone()
+                };
+                round.set_baseline(&id, Some(touched));
+            }
+        }
         bases.save(state)?;
         round.report.duration_ms = started.elapsed().as_millis() as u64;
         let report = round.report.clone();
@@ -743,6 +761,7 @@ impl Engine {
                     .remote
                     .version
                     .unwrap_or_else(|| state.server_version()),
+                updated_at: None,
             }),
         )];
         record.conflicts = Some(held);
@@ -848,6 +867,7 @@ impl Engine {
             let new_baseline = incoming.as_ref().map(|_| Baseline {
                 hash: incoming_hash.clone(),
                 version,
+                updated_at: None,
             });
             if let Some(conflict) = round.held.get_mut(&id) {
                 // Still waiting for the user: resolve against the newest remote.
@@ -1172,7 +1192,14 @@ impl Engine {
                 .unwrap_or(round.server_version);
             round.settle_pending(&op.story_id);
             round.acknowledged.push(op.id);
-            round.set_baseline(&op.story_id, hash.map(|hash| Baseline { hash, version }));
+            round.set_baseline(
+                &op.story_id,
+                hash.map(|hash| Baseline {
+                    hash,
+                    version,
+                    updated_at: None,
+                }),
+            );
             if self.keeps_bases() {
                 bases.set(&op.story_id, local.content(storage, &op.story_id)?);
             }
@@ -1266,6 +1293,7 @@ impl Round {
                     Some(Baseline {
                         hash: content_hash(op.data.as_ref()),
                         version,
+                        updated_at: None,
                     }),
                 );
             }

@@ -41,8 +41,15 @@ pub fn validate_story_id(id: &str) -> Result<(), String> {
 pub(super) struct Scope<'a> {
     /// Read every story (else only `dirty` ones, new ones and deleted ones).
     pub full: bool,
+    /// Read every story even when the storage's `updated_at` says it is
+    /// unchanged (a periodic check for writers that do not update it).
+    pub deep: bool,
     pub dirty: &'a BTreeSet<String>,
 }
+
+/// Seconds an `updated_at` must lie in the past before it is trusted: a
+/// story saved again within the same second keeps its `updated_at`.
+const SETTLED_SECONDS: i64 = 2;
 
 pub(super) struct Scanned {
     /// Operations for the changes found, to be queued.
@@ -51,6 +58,9 @@ pub(super) struct Scanned {
     pub queued: BTreeMap<String, Vec<Operation>>,
     /// Content hashes of the stories looked at (`"deleted"`: listed but gone).
     pub hashes: BTreeMap<String, String>,
+    /// The `updated_at` of stories read whose content it can stand for (see
+    /// [`SETTLED_SECONDS`]).
+    pub times: BTreeMap<String, i64>,
 }
 
 /// Compares local stories with what the state knows (the last synced version,
@@ -73,6 +83,7 @@ pub(super) fn collect<S: StateStore>(
         new_ops: Vec::new(),
         queued: BTreeMap::new(),
         hashes: BTreeMap::new(),
+        times: BTreeMap::new(),
     };
     let mut listed = BTreeSet::new();
     let total = entries.len();
@@ -96,7 +107,16 @@ pub(super) fn collect<S: StateStore>(
         let baseline = state.baseline(&entry.id).map(|b| b.hash.as_str());
         let pending = queued.get(&entry.id);
         let known = expected_hash(baseline, pending.map_or(&[][..], Vec::as_slice));
-        if !scope.full && !scope.dirty.contains(&entry.id) && known.is_some() {
+        let dirty = scope.dirty.contains(&entry.id);
+        let recorded_time = state.baseline(&entry.id).and_then(|b| b.updated_at);
+        // The storage's `updated_at` tells whether a story changed, also across
+        // processes (an editor saving while `whisker sync start` runs); events
+        // tell it within this process when there is no `updated_at`.
+        let unchanged = match entry.updated_at {
+            Some(time) => !scope.deep && !dirty && pending.is_none() && recorded_time == Some(time),
+            None => !scope.full && !dirty,
+        };
+        if unchanged && known.is_some() {
             continue;
         }
         if done % 64 == 0 {
@@ -126,6 +146,12 @@ pub(super) fn collect<S: StateStore>(
                 device_id: config.device_id.clone(),
                 ..op
             });
+        }
+        if let Some(time) = entry
+            .updated_at
+            .filter(|t| *t <= now_seconds() - SETTLED_SECONDS)
+        {
+            scanned.times.insert(entry.id.clone(), time);
         }
         scanned.hashes.insert(entry.id, hash);
     }

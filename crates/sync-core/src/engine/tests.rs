@@ -579,3 +579,87 @@ fn a_device_can_sync_by_tag() {
     b.sync().unwrap();
     assert_eq!(b.story("cave"), None);
 }
+
+/// Stories with an `updated_at` (as whisker-core's index keeps), counting reads.
+#[derive(Default)]
+struct TimedStorage {
+    inner: MemoryStorage,
+    times: BTreeMap<String, i64>,
+    reads: usize,
+}
+
+impl TimedStorage {
+    /// A save by another program: new content and `updated_at`, no event.
+    fn edit(&mut self, id: &str, json: &str, time: i64) {
+        self.inner
+            .stories
+            .insert(id.into(), serde_json::from_str(json).unwrap());
+        self.times.insert(id.into(), time);
+    }
+}
+
+impl Storage for TimedStorage {
+    fn list(&mut self) -> Result<Vec<StoryEntry>, HostError> {
+        let mut entries = self.inner.list()?;
+        for entry in &mut entries {
+            entry.updated_at = self.times.get(&entry.id).copied();
+        }
+        Ok(entries)
+    }
+    fn load(&mut self, id: &str) -> Result<Option<Value>, HostError> {
+        self.reads += 1;
+        self.inner.load(id)
+    }
+    fn save(&mut self, id: &str, story: &Value) -> Result<(), HostError> {
+        self.times.insert(id.into(), crate::protocol::now_seconds());
+        self.inner.save(id, story)
+    }
+    fn delete(&mut self, id: &str) -> Result<(), HostError> {
+        self.times.remove(id);
+        self.inner.delete(id)
+    }
+    fn update_metadata(&mut self, id: &str, metadata: &Value) -> Result<bool, HostError> {
+        self.inner.update_metadata(id, metadata)
+    }
+}
+
+#[test]
+fn edits_by_another_process_are_found_by_updated_at_and_unchanged_stories_are_not_read() {
+    let s = server();
+    let mut link = Link { server: s.clone() };
+    let mut state = StateManager::open(MemoryStore::default()).unwrap();
+    let mut host = Recorder::default();
+    let mut engine = Engine::new(EngineConfig {
+        device_id: "a".into(),
+        // The storage emits events, but not for writes by other processes.
+        strategy: ConflictStrategy::LastWriteWins,
+        tracks_events: true,
+    });
+    let mut storage = TimedStorage::default();
+    let old = crate::protocol::now_seconds() - 100;
+    for i in 0..20 {
+        storage.edit(&format!("s{i}"), r#"{"title":"T"}"#, old);
+    }
+    engine
+        .sync(&mut storage, Some(&mut link), &mut state, &mut host)
+        .unwrap();
+    assert_eq!(
+        storage.reads,
+        20 + 20,
+        "first sync: every story hashed and pushed"
+    );
+    storage.reads = 0;
+    engine
+        .sync(&mut storage, Some(&mut link), &mut state, &mut host)
+        .unwrap();
+    assert_eq!(storage.reads, 0, "unchanged updated_at: nothing read");
+    storage.edit("s7", r#"{"title":"Edited elsewhere"}"#, old + 50);
+    let report = engine
+        .sync(&mut storage, Some(&mut link), &mut state, &mut host)
+        .unwrap();
+    assert_eq!(
+        report.pushed, 1,
+        "found on the very next sync, without an event"
+    );
+    assert_eq!(s.borrow().log.last().unwrap().story_id, "s7");
+}
