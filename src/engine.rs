@@ -120,6 +120,20 @@ fn refusal(values: &MultiValue) -> Option<String> {
     })
 }
 
+/// A value's type as Lua's `type()` names it, with an article ("a number").
+fn a_lua_type(value: &LuaValue) -> &'static str {
+    match value {
+        LuaValue::Nil => "nil",
+        LuaValue::Boolean(_) => "a boolean",
+        LuaValue::Integer(_) | LuaValue::Number(_) => "a number",
+        LuaValue::String(_) => "a string",
+        LuaValue::Table(_) => "a table",
+        LuaValue::Function(_) => "a function",
+        LuaValue::Thread(_) => "a thread",
+        _ => "a userdata",
+    }
+}
+
 fn first(values: MultiValue) -> LuaValue {
     values.into_iter().next().unwrap_or(LuaValue::Nil)
 }
@@ -178,8 +192,8 @@ fn load_story_table(storage: &Table, id: &str) -> Result<Option<Table>, HostErro
         LuaValue::Nil => Ok(None),
         LuaValue::Table(story) => Ok(Some(story)),
         other => Err(HostError(format!(
-            "storage {label}('{id}') returned a {}, not a story table",
-            other.type_name()
+            "storage {label}('{id}') returned {}, not a story table",
+            a_lua_type(&other)
         ))),
     }
 }
@@ -239,20 +253,37 @@ impl Storage for LuaStorage {
         if let Some(reason) = refusal(&values) {
             return Err(HostError(format!("storage {label} failed: {reason}")));
         }
-        let LuaValue::Table(entries) = first(values) else {
-            return Ok(Vec::new());
+        // Anything but a list of stories is refused: read as "no stories",
+        // it would turn every synced story into a delete on every device.
+        let entries = match first(values) {
+            LuaValue::Table(entries) => entries,
+            other => {
+                return Err(HostError(format!(
+                    "storage {label} returned {}, not a list of stories",
+                    a_lua_type(&other)
+                )))
+            }
         };
         let mut stories = Vec::new();
-        for entry in entries.sequence_values::<LuaValue>() {
-            let LuaValue::Table(entry) = entry.map_err(|e| HostError(callback_message(&e)))? else {
-                continue;
+        for (i, entry) in entries.sequence_values::<LuaValue>().enumerate() {
+            let entry = entry.map_err(|e| HostError(callback_message(&e)))?;
+            let without_id = || {
+                HostError(format!(
+                    "storage {label} returned an entry without an id (entry {}: {})",
+                    i + 1,
+                    a_lua_type(&entry)
+                ))
             };
-            let id = match (entry.get::<LuaValue>("id"), entry.get::<LuaValue>("key")) {
+            let LuaValue::Table(table) = &entry else {
+                return Err(without_id());
+            };
+            let id = match (table.get::<LuaValue>("id"), table.get::<LuaValue>("key")) {
                 (Ok(LuaValue::String(id)), _) | (_, Ok(LuaValue::String(id))) => {
                     id.to_string_lossy()
                 }
-                _ => continue,
+                _ => return Err(without_id()),
             };
+            let entry = table;
             let updated_at = match entry.get::<LuaValue>("updated_at") {
                 Ok(LuaValue::Integer(t)) => Some(crate::values::int64(t)),
                 Ok(LuaValue::Number(t)) if t.is_finite() => Some(t.floor() as i64),
@@ -434,8 +465,8 @@ impl Transport for LuaTransport {
         )?;
         let LuaValue::Table(result) = result else {
             return Err(HostError(format!(
-                "transport fetch_operations returned a {}, not a result table",
-                result.type_name()
+                "transport fetch_operations returned {}, not a result table",
+                a_lua_type(&result)
             )));
         };
         let operations = match result.get::<LuaValue>("operations") {
@@ -511,8 +542,8 @@ impl Transport for LuaTransport {
         let result = self.call("push_operations", (device_id.to_owned(), list.clone()))?;
         let LuaValue::Table(result) = result else {
             return Err(HostError(format!(
-                "transport push_operations returned a {}, not a result table",
-                result.type_name()
+                "transport push_operations returned {}, not a result table",
+                a_lua_type(&result)
             )));
         };
         let success = matches!(
