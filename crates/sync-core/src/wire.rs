@@ -99,6 +99,10 @@ pub enum ClientMessage {
         /// `remote_change` for its own pushes before its first request.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         device_id: Option<String>,
+        /// Extension: content codings the client can exchange in binary
+        /// frames (`["gzip"]`); the server picks one in `auth_ok`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        compression: Option<Vec<String>>,
     },
     SyncRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,7 +133,12 @@ pub enum ClientMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage<Op = Operation> {
-    AuthOk,
+    AuthOk {
+        /// Extension: the coding chosen from the client's `compression`
+        /// offer; large messages may then travel compressed in binary frames.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        compression: Option<String>,
+    },
     AuthFailed {
         reason: String,
     },
@@ -247,8 +256,12 @@ mod tests {
 
     #[test]
     fn server_messages_keep_the_old_shapes() {
-        let ok: ServerMessage = ServerMessage::AuthOk;
+        let ok: ServerMessage = ServerMessage::AuthOk { compression: None };
         assert_eq!(serde_json::to_string(&ok).unwrap(), r#"{"type":"auth_ok"}"#);
+        assert_eq!(
+            serde_json::from_str::<ServerMessage>(r#"{"type":"auth_ok"}"#).unwrap(),
+            ok
+        );
         let push: ServerMessage = ServerMessage::PushResponse {
             request_id: Some(RequestId::Int(7)),
             response: PushResponse {

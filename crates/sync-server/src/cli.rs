@@ -1,13 +1,13 @@
 //! The `whisker-sync-server` command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use sync_core::protocol::now_seconds;
 use thiserror::Error;
 
-use crate::config::{parse_duration, parse_origin, Limits, Settings};
+use crate::config::{parse_duration, parse_origin, BlobSettings, Limits, Settings};
 use crate::keys::{self, KeyError};
 use crate::server::{self, ServeError, ServeOptions};
 use crate::store::{KeyRecord, PostgresStore, SqliteDurability, SqliteStore, Storage, StoreError};
@@ -97,6 +97,29 @@ pub struct ServeArgs {
     /// On SIGINT/SIGTERM, time allowed for in-flight requests to finish.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
+    /// Directory for large assets (blobs). Default: `<db name>-blobs` next to
+    /// the SQLite file; with PostgreSQL, assets are off unless this is set.
+    #[arg(long, env = "WHISKER_SYNC_BLOB_DIR")]
+    pub blob_dir: Option<PathBuf>,
+    /// Largest asset accepted, in bytes.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    pub max_blob_bytes: u64,
+    /// Largest chunk in one asset upload request, in bytes.
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    pub max_blob_chunk_bytes: u64,
+    /// Delete asset uploads left unfinished this long.
+    #[arg(long, value_parser = parse_duration, default_value = "7d")]
+    pub blob_upload_expiry: Duration,
+}
+
+/// `<dir>/<stem>-blobs` for the SQLite file `<dir>/<stem>.<ext>`.
+fn default_blob_dir(db: &Path) -> PathBuf {
+    let stem = db
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("whisker-sync");
+    db.with_file_name(format!("{stem}-blobs"))
 }
 
 impl ServeArgs {
@@ -115,6 +138,17 @@ impl ServeArgs {
             ws_ping_interval: self.ws_ping_interval,
             ws_idle_timeout: self.ws_idle_timeout,
             cors_origins: self.cors_origins.clone(),
+            blobs: BlobSettings {
+                dir: self.blob_dir.clone().or_else(|| {
+                    self.database
+                        .database_url
+                        .is_none()
+                        .then(|| default_blob_dir(&self.database.db))
+                }),
+                max_blob_bytes: self.max_blob_bytes,
+                max_chunk_bytes: self.max_blob_chunk_bytes.max(1),
+                upload_expiry: self.blob_upload_expiry,
+            },
         }
     }
 
@@ -314,6 +348,29 @@ mod tests {
         assert_eq!(settings.tombstone_retention, defaults.tombstone_retention);
         assert_eq!(settings.ws_idle_timeout, defaults.ws_idle_timeout);
         assert_eq!(args.listen, "127.0.0.1:8787");
+        assert_eq!(settings.blobs.max_blob_bytes, defaults.blobs.max_blob_bytes);
+        assert_eq!(
+            settings.blobs.max_chunk_bytes,
+            defaults.blobs.max_chunk_bytes
+        );
+        assert_eq!(settings.blobs.upload_expiry, defaults.blobs.upload_expiry);
+        assert_eq!(
+            settings.blobs.dir.as_deref(),
+            Some(Path::new("whisker-sync-blobs"))
+        );
+        let pg = Cli::try_parse_from(["x", "serve", "--database-url", "postgres://h/db"]).unwrap();
+        let Command::Serve(pg) = pg.command else {
+            panic!("not serve");
+        };
+        assert_eq!(
+            pg.settings().blobs.dir,
+            None,
+            "no default blob dir with PostgreSQL"
+        );
+        assert_eq!(
+            default_blob_dir(Path::new("/var/lib/sync.db")),
+            Path::new("/var/lib/sync-blobs")
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Server settings: input limits, retention and WebSocket timing.
+//! Server settings: input limits, retention, WebSocket timing and blob storage.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Bounds on what a client may send. Exceeding one is a 400 or 413 that writes nothing.
@@ -44,6 +45,31 @@ pub struct Settings {
     /// Browser origins allowed to call the HTTP API (CORS); `*` allows any.
     /// Empty: no CORS headers (non-browser clients do not need them).
     pub cors_origins: Vec<String>,
+    pub blobs: BlobSettings,
+}
+
+/// Large assets (`/blobs`): where they are kept and how large they may be.
+#[derive(Debug, Clone)]
+pub struct BlobSettings {
+    /// Directory of the blob store; `None` turns the blob API off (501).
+    pub dir: Option<PathBuf>,
+    /// Largest blob accepted, in bytes.
+    pub max_blob_bytes: u64,
+    /// Largest chunk in one `PUT`, in bytes (after decompression).
+    pub max_chunk_bytes: u64,
+    /// Uploads left unfinished this long are deleted.
+    pub upload_expiry: Duration,
+}
+
+impl Default for BlobSettings {
+    fn default() -> Self {
+        BlobSettings {
+            dir: None,
+            max_blob_bytes: 256 * 1024 * 1024,
+            max_chunk_bytes: 8 * 1024 * 1024,
+            upload_expiry: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -55,6 +81,7 @@ impl Default for Settings {
             ws_ping_interval: Duration::from_secs(30),
             ws_idle_timeout: Duration::from_secs(120),
             cors_origins: Vec::new(),
+            blobs: BlobSettings::default(),
         }
     }
 }

@@ -7,7 +7,9 @@
 //! The binary is a thin wrapper over [`cli::run`]; tests can build the
 //! router in-process with [`routes::router`] and an [`state::AppState`].
 
+pub mod blobs;
 pub mod cli;
+pub mod compression;
 pub mod config;
 pub mod error;
 pub mod hub;

@@ -6,7 +6,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::header::{
+    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_RANGE, CONTENT_TYPE, RANGE,
+};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +21,8 @@ use sync_core::wire::{PushResponse, VersionResponse};
 use tower::Layer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::blobs;
+use crate::compression;
 use crate::error::AppError;
 use crate::keys;
 use crate::metrics::track;
@@ -31,6 +35,13 @@ use crate::ws;
 pub fn router<S: Storage>(state: Arc<AppState<S>>, base_path: &str) -> Router {
     let body_limit = state.settings.limits.max_body_bytes;
     let cors = cors(&state.settings.cors_origins);
+    let blob_routes = Router::new()
+        .route(
+            "/blobs/{sha256}",
+            get(blobs::routes::download::<S>).put(blobs::routes::put::<S>),
+        )
+        .route("/blobs/{sha256}/status", get(blobs::routes::status::<S>))
+        .layer(compression::blob_answers());
     let api = Router::new()
         .route(
             "/operations",
@@ -41,9 +52,13 @@ pub fn router<S: Storage>(state: Arc<AppState<S>>, base_path: &str) -> Router {
         .route("/", get(ws::root::<S>))
         .route("/health", get(health::<S>))
         .route("/metrics", get(metrics::<S>))
+        .merge(blob_routes)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(compression::json_answers())
+        .layer(compression::requests())
+        .layer(middleware::map_response(compression::advertise))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state.metrics),
             track,
@@ -77,8 +92,9 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(allow_origin)
-            .allow_methods([Method::GET, Method::POST])
-            .allow_headers([AUTHORIZATION, CONTENT_TYPE])
+            .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::PUT])
+            .allow_headers([AUTHORIZATION, CONTENT_TYPE, CONTENT_ENCODING, RANGE])
+            .expose_headers([CONTENT_RANGE, ACCEPT_ENCODING])
             .max_age(Duration::from_secs(3600)),
     )
 }

@@ -10,6 +10,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+use crate::blobs::BlobStore;
 use crate::config::Settings;
 use crate::routes;
 use crate::state::AppState;
@@ -25,9 +26,17 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cannot use the blob directory {path}: {source}")]
+    BlobDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// How often unfinished blob uploads are checked for expiry.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
 
 pub struct ServeOptions {
     pub listen: String,
@@ -54,6 +63,16 @@ pub async fn serve<S: Storage>(store: S, options: ServeOptions) -> Result<(), Se
         })?;
     let addr = listener.local_addr()?;
     let state = AppState::new(store, options.settings);
+    if let Some(blobs) = &state.blobs {
+        blobs
+            .prepare()
+            .await
+            .map_err(|source| ServeError::BlobDir {
+                path: blobs.root().display().to_string(),
+                source,
+            })?;
+        sweep_uploads(Arc::clone(blobs));
+    }
     let app = routes::router(Arc::clone(&state), &options.base_path);
     forward_remote_pushes(&state);
 
@@ -142,6 +161,21 @@ fn forward_remote_pushes<S: Storage>(state: &Arc<AppState<S>>) {
                 .await
             {
                 tracing::warn!(error = %e, "could not forward another server's push");
+            }
+        }
+    });
+}
+
+/// Deletes expired blob uploads now and every [`SWEEP_INTERVAL`].
+fn sweep_uploads(blobs: Arc<BlobStore>) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            ticks.tick().await;
+            match blobs.sweep_uploads().await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "deleted expired blob uploads"),
+                Err(e) => tracing::warn!(error = %e, "could not sweep blob uploads"),
             }
         }
     });

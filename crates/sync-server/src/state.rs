@@ -9,6 +9,7 @@ use sync_core::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::blobs::BlobStore;
 use crate::config::Settings;
 use crate::hub::{ConnectionId, Hub};
 use crate::keys;
@@ -19,6 +20,8 @@ use crate::validate::Push;
 pub struct AppState<S> {
     pub store: S,
     pub settings: Settings,
+    /// Large assets; `None` when no blob directory is configured.
+    pub blobs: Option<Arc<BlobStore>>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server starts shutting down.
@@ -29,9 +32,15 @@ pub struct AppState<S> {
 
 impl<S: Storage> AppState<S> {
     pub fn new(store: S, settings: Settings) -> Arc<Self> {
+        let blobs = settings
+            .blobs
+            .dir
+            .clone()
+            .map(|dir| Arc::new(BlobStore::new(dir, settings.blobs.clone())));
         Arc::new(AppState {
             store,
             settings,
+            blobs,
             hub: Arc::default(),
             metrics: Arc::default(),
             shutdown: CancellationToken::new(),

@@ -5,6 +5,11 @@
 //! `request_id`), while the server sends `remote_change` whenever another
 //! device of the namespace pushes. Reading and writing run as separate tasks
 //! joined by a queue, so fan-out never waits for a request to finish.
+//!
+//! Compression: a client whose `auth` offers `"compression": ["gzip"]` gets
+//! `"compression": "gzip"` in `auth_ok`; from then on messages larger than
+//! 1 KiB may travel, both ways, as binary frames holding gzip-compressed JSON
+//! (axum's WebSocket has no permessage-deflate). Other clients get text only.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,6 +25,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
+use sync_core::transport::compression::{self, CompressionError, GZIP, MIN_COMPRESS_BYTES};
 use sync_core::wire::{ClientMessage, RequestId, ServerMessage};
 use sync_core::Operation;
 use tokio::sync::mpsc;
@@ -41,6 +47,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
 pub async fn upgrade<S: Storage>(
@@ -81,20 +88,20 @@ type Stream = SplitStream<WebSocket>;
 async fn session<S: Storage>(socket: WebSocket, state: Arc<AppState<S>>) {
     let (mut sink, mut stream) = socket.split();
     let device: DeviceCell = Arc::new(Mutex::new(None));
-    let ns = match timeout(
+    let (ns, gzip) = match timeout(
         state.settings.ws_auth_timeout,
         authenticate(&state, &mut stream, &device),
     )
     .await
     {
-        Ok(Ok(ns)) => ns,
+        Ok(Ok(accepted)) => accepted,
         Ok(Err(reason)) => return refuse(sink, reason).await,
         Err(_) => return refuse(sink, "authentication timeout").await,
     };
-    if send(&mut sink, &ServerMessage::<Operation>::AuthOk)
-        .await
-        .is_err()
-    {
+    let ok = ServerMessage::<Operation>::AuthOk {
+        compression: gzip.then(|| GZIP.to_owned()),
+    };
+    if send(&mut sink, &ok).await.is_err() {
         return;
     }
 
@@ -107,7 +114,12 @@ async fn session<S: Storage>(socket: WebSocket, state: Arc<AppState<S>>) {
         .metrics
         .websocket_connections
         .fetch_add(1, Ordering::Relaxed);
-    let mut writer = tokio::spawn(write_loop(sink, queue, state.settings.ws_ping_interval));
+    let mut writer = tokio::spawn(write_loop(
+        sink,
+        queue,
+        state.settings.ws_ping_interval,
+        gzip,
+    ));
 
     let session = Session {
         state: &state,
@@ -115,6 +127,7 @@ async fn session<S: Storage>(socket: WebSocket, state: Arc<AppState<S>>) {
         id: subscription.id,
         device: &device,
         outbox: &outbox,
+        gzip,
     };
     let (code, reason) = session.read_loop(&mut stream, &evict).await;
     drop(subscription);
@@ -134,13 +147,14 @@ async fn session<S: Storage>(socket: WebSocket, state: Arc<AppState<S>>) {
     }
 }
 
-/// Waits for the `auth` message and checks its key. Control frames are skipped;
-/// anything else first is refused.
+/// Waits for the `auth` message and checks its key; returns the namespace
+/// and whether the client offered gzip. Control frames are skipped; anything
+/// else first is refused.
 async fn authenticate<S: Storage>(
     state: &AppState<S>,
     stream: &mut Stream,
     device: &DeviceCell,
-) -> Result<NamespaceId, &'static str> {
+) -> Result<(NamespaceId, bool), &'static str> {
     loop {
         let text = match stream.next().await {
             Some(Ok(Message::Text(text))) => text,
@@ -151,9 +165,15 @@ async fn authenticate<S: Storage>(
             .metrics
             .websocket_messages
             .fetch_add(1, Ordering::Relaxed);
-        let Ok(ClientMessage::Auth { api_key, device_id }) = serde_json::from_str(&text) else {
+        let Ok(ClientMessage::Auth {
+            api_key,
+            device_id,
+            compression,
+        }) = serde_json::from_str(&text)
+        else {
             return Err("expected an auth message first");
         };
+        let gzip = compression.is_some_and(|offer| offer.iter().any(|c| c == GZIP));
         return match state.authenticate(&api_key).await {
             Ok(Some(ns)) => {
                 if let Some(id) =
@@ -161,7 +181,7 @@ async fn authenticate<S: Storage>(
                 {
                     *device.lock().unwrap_or_else(PoisonError::into_inner) = Some(id);
                 }
-                Ok(ns)
+                Ok((ns, gzip))
             }
             Ok(None) => Err("invalid API key"),
             Err(e) => {
@@ -199,13 +219,36 @@ fn encode<Op: serde::Serialize>(message: &ServerMessage<Op>) -> String {
     })
 }
 
+/// A text message as sent on a session that compresses: large ones become
+/// binary frames of gzip-compressed JSON.
+fn compressed(message: Message) -> Message {
+    match message {
+        Message::Text(text) if text.len() > MIN_COMPRESS_BYTES => {
+            match compression::gzip(text.as_bytes()) {
+                Ok(packed) => Message::Binary(packed.into()),
+                Err(e) => {
+                    tracing::error!(error = %e, "compressing a WebSocket message");
+                    Message::Text(text)
+                }
+            }
+        }
+        other => other,
+    }
+}
+
 /// Sends queued messages and a heartbeat ping, until told to close.
-async fn write_loop(mut sink: Sink, mut queue: mpsc::Receiver<Outbound>, ping_interval: Duration) {
+async fn write_loop(
+    mut sink: Sink,
+    mut queue: mpsc::Receiver<Outbound>,
+    ping_interval: Duration,
+    gzip: bool,
+) {
     let mut heartbeat = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let sent = tokio::select! {
             outbound = queue.recv() => match outbound {
+                Some(Outbound::Message(message)) if gzip => sink.send(compressed(message)).await,
                 Some(Outbound::Message(message)) => sink.send(message).await,
                 Some(Outbound::Close { code, reason }) => {
                     let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
@@ -228,6 +271,8 @@ struct Session<'a, S> {
     id: ConnectionId,
     device: &'a DeviceCell,
     outbox: &'a mpsc::Sender<Outbound>,
+    /// The client accepted gzip binary frames.
+    gzip: bool,
 }
 
 /// The parts of any message needed to answer it even when the rest is invalid.
@@ -274,6 +319,21 @@ impl<S: Storage> Session<'_, S> {
                         .websocket_messages
                         .fetch_add(1, Ordering::Relaxed);
                     self.answer(&text).await
+                }
+                Message::Binary(data) if self.gzip => {
+                    self.state
+                        .metrics
+                        .websocket_messages
+                        .fetch_add(1, Ordering::Relaxed);
+                    let limit = self.state.settings.limits.max_body_bytes;
+                    match compression::gunzip(&data, limit).map(String::from_utf8) {
+                        Ok(Ok(text)) => self.answer(&text).await,
+                        Ok(Err(_)) => error_message(None, "compressed message is not UTF-8 text"),
+                        Err(CompressionError::TooLarge { .. }) => {
+                            return (CLOSE_TOO_BIG, "message too big");
+                        }
+                        Err(e) => error_message(None, &format!("undecodable message: {e}")),
+                    }
                 }
                 Message::Binary(_) => {
                     error_message(None, "binary messages are not supported; send JSON text")

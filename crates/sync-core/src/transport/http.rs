@@ -6,16 +6,31 @@
 //! backoff and jitter (`retry_delay · 2ⁿ`, scaled by a random factor in
 //! [0.5, 1)), honouring a `Retry-After` of whole seconds; other statuses are
 //! returned at once. The timeout covers each whole attempt, connection to last
-//! body byte. Bodies are read up to a size limit; gzip is accepted and decoded.
+//! body byte. Bodies are read up to a size limit.
+//!
+//! Compression (docs/PROTOCOL.md, "Compression"): every request says
+//! `Accept-Encoding: gzip` and gzip answers are decoded here (so
+//! [`Traffic`] counts the bytes that crossed the network). A request body
+//! larger than [`MIN_COMPRESS_BYTES`] is sent gzip-compressed once the server
+//! has said it accepts that, by an `Accept-Encoding` header on any earlier
+//! answer (RFC 7694); a server that then answers 415 gets the body again,
+//! uncompressed, and no compressed bodies after that. A server that never
+//! advertises anything never sees a compressed body.
 //! [`HttpTransport`] adds the sync calls with typed answers.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, RETRY_AFTER};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH,
+    CONTENT_TYPE, RANGE, RETRY_AFTER,
+};
 use thiserror::Error;
 
+use super::blob::BlobClient;
+use super::compression::{self, lists_gzip, CompressionError, GZIP, MIN_COMPRESS_BYTES};
 use super::{format_seconds, random_fraction, tls, Traffic, TrafficCounter};
 use crate::protocol::Operation;
 use crate::value::Value;
@@ -52,6 +67,12 @@ pub enum HttpError {
     InvalidResponse(String),
     #[error("cannot encode request: {0}")]
     Encode(String),
+    #[error("cannot decode the answer from {url}: {source}")]
+    Decode {
+        url: String,
+        #[source]
+        source: CompressionError,
+    },
     #[error("invalid URL {url}: {detail}")]
     InvalidUrl { url: String, detail: String },
     #[error(transparent)]
@@ -66,7 +87,7 @@ pub enum HttpError {
 
 impl HttpError {
     /// Failures worth another attempt: the server may answer next time.
-    fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(
             self,
             HttpError::Refused { .. }
@@ -90,6 +111,7 @@ impl HttpError {
 pub enum Method {
     Get,
     Post,
+    Put,
 }
 
 /// One request and its retry policy.
@@ -116,11 +138,14 @@ pub struct Response {
     pub attempts: u32,
 }
 
-/// A connection pool with TLS set up; cheap to clone.
+/// A connection pool with TLS set up; cheap to clone (clones share the
+/// pool, the traffic counters and what was learnt about the server).
 #[derive(Clone)]
 pub struct HttpClient {
     client: reqwest::Client,
     traffic: Arc<TrafficCounter>,
+    /// The server said it accepts gzip request bodies.
+    server_gzip: Arc<AtomicBool>,
 }
 
 /// The detail of a reqwest error: its innermost cause.
@@ -149,6 +174,36 @@ fn tls_failure(error: &reqwest::Error) -> Option<String> {
         };
     }
     None
+}
+
+/// A reqwest failure as an [`HttpError`] naming `url`.
+pub(crate) fn network_error(url: &str, timeout: Duration, e: reqwest::Error) -> HttpError {
+    let url = url.to_owned();
+    if e.is_timeout() {
+        HttpError::Timeout {
+            url,
+            after: timeout,
+        }
+    } else if e.is_builder() {
+        HttpError::InvalidUrl {
+            url,
+            detail: detail(&e),
+        }
+    } else if let Some(detail) = tls_failure(&e) {
+        HttpError::TlsHandshake { url, detail }
+    } else if refused(&e) {
+        HttpError::Refused { url }
+    } else if e.is_connect() {
+        HttpError::Connect {
+            url,
+            detail: detail(&e),
+        }
+    } else {
+        HttpError::Request {
+            url,
+            detail: detail(&e),
+        }
+    }
 }
 
 fn refused(error: &reqwest::Error) -> bool {
@@ -202,29 +257,66 @@ impl HttpClient {
     /// A client trusting the system roots and, when given, the certificates in `ca_file`.
     pub fn new(ca_file: Option<&std::path::Path>) -> Result<Self, HttpError> {
         let tls = tls::client_config(ca_file)?;
+        // Answers are decoded here, not by reqwest, so traffic counts wire bytes.
         let client = reqwest::Client::builder()
             .use_preconfigured_tls((*tls).clone())
-            .gzip(true)
+            .no_gzip()
             .build()
             .map_err(|e| HttpError::Tls(tls::TlsError::Setup(detail(&e))))?;
         Ok(HttpClient {
             client,
             traffic: Arc::default(),
+            server_gzip: Arc::default(),
         })
     }
 
-    /// Payload bytes sent and received so far.
+    /// Bytes sent and received on the network so far (compressed sizes).
     pub fn traffic(&self) -> Traffic {
         self.traffic.get()
+    }
+
+    /// Whether the server has said it accepts gzip-compressed request bodies.
+    pub fn server_accepts_gzip(&self) -> bool {
+        self.server_gzip.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn reqwest(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    pub(crate) fn count(&self, sent: usize, received: usize) {
+        self.traffic.add(sent, received);
+    }
+
+    /// Remembers what an answer's headers say about compressed requests:
+    /// `Accept-Encoding` listing gzip turns them on (a 415 turns them off,
+    /// in [`HttpClient::send`]).
+    pub(crate) fn learn(&self, headers: &reqwest::header::HeaderMap) {
+        if let Some(value) = headers.get(ACCEPT_ENCODING).and_then(|v| v.to_str().ok()) {
+            self.server_gzip.store(lists_gzip(value), Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn refuse_gzip(&self) {
+        self.server_gzip.store(false, Ordering::Relaxed);
     }
 
     /// Sends `request`, retrying as the module docs describe. An answer with
     /// an error status is a response, not an error (after any retries).
     pub async fn send(&self, request: &Request) -> Result<Response, HttpError> {
+        let mut body = self.encode_body(request)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let outcome = self.attempt(request).await;
+            let outcome = match self.attempt(request, &body).await {
+                Ok(response) if response.status == 415 && body.gzip => {
+                    // The server no longer takes gzip: send it plain (not a retry).
+                    self.refuse_gzip();
+                    body = self.encode_body(request)?;
+                    self.attempt(request, &body).await
+                }
+                outcome => outcome,
+            };
             let retry = match &outcome {
                 Ok(response) => response.status >= 500 || response.status == 429,
                 Err(e) => e.is_transient(),
@@ -251,7 +343,42 @@ impl HttpClient {
         }
     }
 
-    async fn attempt(&self, request: &Request) -> Result<Response, HttpError> {
+    /// The body as it goes on the wire: gzip-compressed when it is JSON
+    /// larger than [`MIN_COMPRESS_BYTES`] and the server accepts gzip (other
+    /// bodies, and bodies the caller encoded, are left to the caller).
+    fn encode_body(&self, request: &Request) -> Result<WireBody, HttpError> {
+        let Some(body) = &request.body else {
+            return Ok(WireBody::default());
+        };
+        let header = |wanted: &str| {
+            request
+                .headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(wanted))
+                .map(|(_, value)| value.as_str())
+        };
+        let json = header(CONTENT_TYPE.as_str()).is_some_and(|t| t.contains("json"));
+        let encoded_by_caller = header(CONTENT_ENCODING.as_str()).is_some();
+        if json
+            && !encoded_by_caller
+            && body.len() > MIN_COMPRESS_BYTES
+            && self.server_accepts_gzip()
+        {
+            let packed = compression::gzip(body).map_err(|e| HttpError::Encode(e.to_string()))?;
+            if packed.len() < body.len() {
+                return Ok(WireBody {
+                    bytes: Some(packed),
+                    gzip: true,
+                });
+            }
+        }
+        Ok(WireBody {
+            bytes: Some(body.clone()),
+            gzip: false,
+        })
+    }
+
+    async fn attempt(&self, request: &Request, body: &WireBody) -> Result<Response, HttpError> {
         let url = request.url.as_str();
         let mut headers = HeaderMap::new();
         for (name, value) in &request.headers {
@@ -264,52 +391,29 @@ impl HttpClient {
                 .map_err(|e| HttpError::Encode(format!("header {name}: {e}")))?;
             headers.insert(name, value);
         }
+        if !headers.contains_key(ACCEPT_ENCODING) && !headers.contains_key(RANGE) {
+            headers.insert(ACCEPT_ENCODING, HeaderValue::from_static(GZIP));
+        }
+        if body.gzip {
+            headers.insert(CONTENT_ENCODING, HeaderValue::from_static(GZIP));
+        }
         let method = match request.method {
             Method::Get => reqwest::Method::GET,
             Method::Post => reqwest::Method::POST,
+            Method::Put => reqwest::Method::PUT,
         };
         let mut builder = self
             .client
             .request(method, url)
             .headers(headers)
             .timeout(request.timeout);
-        let sent = request.body.as_ref().map_or(0, Vec::len);
-        if let Some(body) = &request.body {
-            builder = builder.body(body.clone());
+        let sent = body.bytes.as_ref().map_or(0, Vec::len);
+        if let Some(bytes) = &body.bytes {
+            builder = builder.body(bytes.clone());
         }
-        let network = |e: reqwest::Error| {
-            if e.is_timeout() {
-                HttpError::Timeout {
-                    url: url.to_owned(),
-                    after: request.timeout,
-                }
-            } else if e.is_builder() {
-                HttpError::InvalidUrl {
-                    url: url.to_owned(),
-                    detail: detail(&e),
-                }
-            } else if let Some(detail) = tls_failure(&e) {
-                HttpError::TlsHandshake {
-                    url: url.to_owned(),
-                    detail,
-                }
-            } else if refused(&e) {
-                HttpError::Refused {
-                    url: url.to_owned(),
-                }
-            } else if e.is_connect() {
-                HttpError::Connect {
-                    url: url.to_owned(),
-                    detail: detail(&e),
-                }
-            } else {
-                HttpError::Request {
-                    url: url.to_owned(),
-                    detail: detail(&e),
-                }
-            }
-        };
+        let network = |e: reqwest::Error| network_error(url, request.timeout, e);
         let mut response = builder.send().await.map_err(network)?;
+        self.learn(response.headers());
         let too_large = || HttpError::TooLarge {
             url: url.to_owned(),
             limit: request.max_response_bytes,
@@ -321,9 +425,14 @@ impl HttpClient {
             return Err(too_large());
         }
         let status = response.status().as_u16();
+        let gzipped = response
+            .headers()
+            .get(CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(GZIP.as_bytes()));
         let headers = response
             .headers()
             .iter()
+            .filter(|(name, _)| !gzipped || (*name != CONTENT_ENCODING && *name != CONTENT_LENGTH))
             .map(|(name, value)| {
                 (
                     name.as_str().to_owned(),
@@ -331,14 +440,25 @@ impl HttpClient {
                 )
             })
             .collect();
-        let mut body = Vec::new();
+        let mut raw = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(network)? {
-            if body.len() + chunk.len() > request.max_response_bytes {
+            if raw.len() + chunk.len() > request.max_response_bytes {
                 return Err(too_large());
             }
-            body.extend_from_slice(&chunk);
+            raw.extend_from_slice(&chunk);
         }
-        self.traffic.add(sent, body.len());
+        self.traffic.add(sent, raw.len());
+        let body = if gzipped {
+            compression::gunzip(&raw, request.max_response_bytes).map_err(|e| match e {
+                CompressionError::TooLarge { .. } => too_large(),
+                source => HttpError::Decode {
+                    url: url.to_owned(),
+                    source,
+                },
+            })?
+        } else {
+            raw
+        };
         Ok(Response {
             status,
             headers,
@@ -346,6 +466,13 @@ impl HttpClient {
             attempts: 1,
         })
     }
+}
+
+/// A request body as sent: possibly gzip-compressed.
+#[derive(Default)]
+struct WireBody {
+    bytes: Option<Vec<u8>>,
+    gzip: bool,
 }
 
 /// Settings of an [`HttpTransport`]; [`HttpConfig::new`] gives the defaults.
@@ -413,9 +540,15 @@ impl HttpTransport {
         &self.config
     }
 
-    /// Payload bytes sent and received so far.
+    /// Bytes sent and received on the network so far.
     pub fn traffic(&self) -> Traffic {
         self.client.traffic()
+    }
+
+    /// The blob (asset) calls of this server and key, sharing this
+    /// transport's connections; `chunk_bytes` 0 is the default chunk size.
+    pub fn blobs(&self, chunk_bytes: usize) -> BlobClient {
+        BlobClient::new(self.config.clone(), self.client.clone(), chunk_bytes)
     }
 
     fn request(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Request {

@@ -1,8 +1,11 @@
-//! Network clients for the sync server: HTTP ([`http`]) and WebSocket
-//! ([`websocket`]), both async on tokio, with TLS from [`tls`].
+//! Network clients for the sync server: HTTP ([`http`]), WebSocket
+//! ([`websocket`]) and large assets ([`blob`]), async on tokio, with TLS from
+//! [`tls`] and negotiated gzip from [`compression`].
 //!
 //! Wire shapes are those of [`crate::wire`]; docs/PROTOCOL.md describes them.
 
+pub mod blob;
+pub mod compression;
 pub mod http;
 pub mod tls;
 pub mod websocket;

@@ -13,7 +13,11 @@
 //!   delivers it as [`WsEvent::RemoteChange`], so no change is missed;
 //! - queues [`WsEvent`]s (remote changes, connection changes, unsolicited
 //!   server messages) for the owner to take with [`WsClient::try_event`] /
-//!   [`WsClient::next_event`]. Nothing is called back from the task.
+//!   [`WsClient::next_event`]. Nothing is called back from the task;
+//! - compresses: `auth` offers `"compression": ["gzip"]`; when `auth_ok`
+//!   accepts it, messages larger than [`MIN_COMPRESS_BYTES`] go both ways as
+//!   binary frames holding the gzip-compressed JSON (tungstenite has no
+//!   permessage-deflate). Servers that do not answer the offer get text only.
 //!
 //! Call `connect` from inside a tokio runtime: the task is spawned on it.
 
@@ -34,6 +38,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use super::compression::{self, MIN_COMPRESS_BYTES};
 use super::{format_seconds, tls, Traffic, TrafficCounter};
 use crate::protocol::Operation;
 use crate::value::{Map, Value};
@@ -128,6 +133,32 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 type Socket = WebSocketStream<Box<dyn Io>>;
 
+/// An authenticated socket and whether the server accepted gzip frames.
+struct Session {
+    socket: Socket,
+    gzip: bool,
+}
+
+/// A message as it goes on the wire: gzip in a binary frame when the
+/// session compresses and the message is large.
+fn frame(text: String, gzip: bool) -> Message {
+    if gzip && text.len() > MIN_COMPRESS_BYTES {
+        if let Ok(packed) = compression::gzip(text.as_bytes()) {
+            return Message::binary(packed);
+        }
+    }
+    Message::text(text)
+}
+
+/// Payload bytes of a data frame.
+fn wire_len(message: &Message) -> usize {
+    match message {
+        Message::Text(text) => text.len(),
+        Message::Binary(data) => data.len(),
+        _ => 0,
+    }
+}
+
 /// A request waiting for its answer.
 struct Waiting {
     id: u64,
@@ -221,7 +252,7 @@ fn operation_version(op: &Value) -> Option<u64> {
 }
 
 /// Dials and authenticates.
-async fn dial(config: &WsConfig) -> Result<Socket, WsError> {
+async fn dial(config: &WsConfig) -> Result<Session, WsError> {
     let url = &config.url;
     let request = url
         .as_str()
@@ -283,6 +314,10 @@ async fn dial(config: &WsConfig) -> Result<Socket, WsError> {
     if let Some(device) = &config.device_id {
         auth.insert("device_id".to_owned(), Value::Str(device.clone()));
     }
+    auth.insert(
+        "compression".to_owned(),
+        Value::Array(vec![Value::from(compression::GZIP)]),
+    );
     let text =
         serde_json::to_string(&Value::Object(auth)).map_err(|e| WsError::Encode(e.to_string()))?;
     socket
@@ -301,7 +336,10 @@ async fn dial(config: &WsConfig) -> Result<Socket, WsError> {
                 continue;
             };
             match message.get("type").and_then(Value::as_str) {
-                Some("auth_ok") => return Ok(()),
+                Some("auth_ok") => {
+                    return Ok(message.get("compression").and_then(Value::as_str)
+                        == Some(compression::GZIP))
+                }
                 Some("auth_failed") => {
                     let reason = message
                         .get("reason")
@@ -319,7 +357,7 @@ async fn dial(config: &WsConfig) -> Result<Socket, WsError> {
     match timeout(limit, answer).await {
         Err(_) => Err(WsError::AuthTimeout),
         Ok(Err(e)) => Err(e),
-        Ok(Ok(())) => Ok(socket),
+        Ok(Ok(gzip)) => Ok(Session { socket, gzip }),
     }
 }
 
@@ -327,7 +365,7 @@ impl WsClient {
     /// Connects and authenticates, then starts the background task (on the
     /// current tokio runtime). Fails without retrying.
     pub async fn connect(config: WsConfig) -> Result<WsClient, WsError> {
-        let socket = dial(&config).await?;
+        let session = dial(&config).await?;
         let (commands, command_queue) = mpsc::unbounded_channel();
         let (event_queue, events) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -344,7 +382,7 @@ impl WsClient {
             events: event_queue,
             resume_serial: 0,
         };
-        tokio::spawn(task.run(socket));
+        tokio::spawn(task.run(session));
         Ok(WsClient {
             config,
             commands,
@@ -538,12 +576,12 @@ impl Task {
         let _ = self.events.send(event);
     }
 
-    async fn run(mut self, mut socket: Socket) {
+    async fn run(mut self, mut connection: Session) {
         let mut resume = false;
         loop {
-            let reason = match self.session(&mut socket, resume).await {
+            let reason = match self.session(&mut connection, resume).await {
                 End::Closed => {
-                    let _ = socket.close(None).await;
+                    let _ = connection.socket.close(None).await;
                     break;
                 }
                 End::Lost(reason) => reason,
@@ -555,7 +593,7 @@ impl Task {
                 break;
             }
             match self.reconnect().await {
-                Some(next) => socket = next,
+                Some(next) => connection = next,
                 None => break,
             }
             self.shared.connected.store(true, Ordering::Release);
@@ -567,7 +605,7 @@ impl Task {
     }
 
     /// Redials with backoff until it works, authentication is refused, or the owner closes.
-    async fn reconnect(&mut self) -> Option<Socket> {
+    async fn reconnect(&mut self) -> Option<Session> {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -588,7 +626,7 @@ impl Task {
             let mut config = self.config.clone();
             config.device_id = self.shared.device();
             match dial(&config).await {
-                Ok(socket) => return Some(socket),
+                Ok(session) => return Some(session),
                 Err(WsError::AuthFailed(reason)) => {
                     self.emit(WsEvent::Disconnected {
                         reason: format!("Authentication failed: {reason}"),
@@ -601,7 +639,7 @@ impl Task {
     }
 
     /// Asks for everything after the last delivered version.
-    async fn send_resume(&mut self, socket: &mut Socket, since: u64) -> Result<(), String> {
+    async fn send_resume(&mut self, connection: &mut Session, since: u64) -> Result<(), String> {
         let Some(device) = self.shared.device() else {
             return Ok(());
         };
@@ -616,17 +654,19 @@ impl Task {
             ("since_version".to_owned(), Value::Int(since as i64)),
         ]);
         let text = serde_json::to_string(&Value::Object(message)).map_err(|e| e.to_string())?;
-        self.shared.traffic.add(text.len(), 0);
-        socket
-            .send(Message::text(text))
+        let message = frame(text, connection.gzip);
+        self.shared.traffic.add(wire_len(&message), 0);
+        connection
+            .socket
+            .send(message)
             .await
             .map_err(|e| e.to_string())
     }
 
-    async fn session(&mut self, socket: &mut Socket, resume: bool) -> End {
+    async fn session(&mut self, connection: &mut Session, resume: bool) -> End {
         if resume {
             let since = self.shared.delivered.load(Ordering::Acquire);
-            if let Err(e) = self.send_resume(socket, since).await {
+            if let Err(e) = self.send_resume(connection, since).await {
                 return End::Lost(e);
             }
         }
@@ -637,7 +677,7 @@ impl Task {
         let mut last_heard = Instant::now();
         loop {
             tokio::select! {
-                frame = socket.next() => {
+                frame = connection.socket.next() => {
                     let frame = match frame {
                         None => return End::Lost("the server closed the connection".to_owned()),
                         Some(Err(e)) => return End::Lost(e.to_string()),
@@ -647,8 +687,23 @@ impl Task {
                     match frame {
                         Message::Text(text) => {
                             self.shared.traffic.add(0, text.len());
-                            if let Err(e) = self.on_text(socket, &text).await {
+                            if let Err(e) = self.on_text(connection, &text).await {
                                 return End::Lost(e);
+                            }
+                        }
+                        Message::Binary(data) if connection.gzip => {
+                            self.shared.traffic.add(0, data.len());
+                            let limit = self.config.max_message_bytes;
+                            let text = compression::gunzip(&data, limit)
+                                .map_err(|e| e.to_string())
+                                .and_then(|bytes| String::from_utf8(bytes).map_err(|e| e.to_string()));
+                            match text {
+                                Ok(text) => {
+                                    if let Err(e) = self.on_text(connection, &text).await {
+                                        return End::Lost(e);
+                                    }
+                                }
+                                Err(e) => return End::Lost(format!("undecodable compressed message: {e}")),
                             }
                         }
                         Message::Close(frame) => {
@@ -664,8 +719,9 @@ impl Task {
                 command = self.commands.recv() => match command {
                     None | Some(Command::Close) => return End::Closed,
                     Some(Command::Send(text)) => {
-                        self.shared.traffic.add(text.len(), 0);
-                        if let Err(e) = socket.send(Message::text(text)).await {
+                        let message = frame(text, connection.gzip);
+                        self.shared.traffic.add(wire_len(&message), 0);
+                        if let Err(e) = connection.socket.send(message).await {
                             return End::Lost(e.to_string());
                         }
                     }
@@ -677,7 +733,7 @@ impl Task {
                             format_seconds(silence)
                         ));
                     }
-                    if let Err(e) = socket.send(Message::Ping(Default::default())).await {
+                    if let Err(e) = connection.socket.send(Message::Ping(Default::default())).await {
                         return End::Lost(e.to_string());
                     }
                 }
@@ -686,7 +742,7 @@ impl Task {
     }
 
     /// Handles one server message.
-    async fn on_text(&mut self, socket: &mut Socket, text: &str) -> Result<(), String> {
+    async fn on_text(&mut self, connection: &mut Session, text: &str) -> Result<(), String> {
         let Ok(message) = serde_json::from_str::<Value>(text) else {
             return Ok(());
         };
@@ -708,7 +764,7 @@ impl Task {
             let has_more = matches!(message.get("has_more"), Some(Value::Bool(true)));
             let after = self.shared.delivered.load(Ordering::Acquire);
             if has_more && after > before {
-                self.send_resume(socket, after).await?;
+                self.send_resume(connection, after).await?;
             }
             return Ok(());
         }

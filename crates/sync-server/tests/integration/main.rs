@@ -7,6 +7,8 @@
 //! `WHISKER_SKIP_PG=1` marks the PostgreSQL scenarios ignored; otherwise a
 //! machine without PostgreSQL fails them with a message saying what to install.
 
+mod blobs;
+mod compression;
 mod http;
 mod operations;
 mod support;
@@ -37,6 +39,11 @@ macro_rules! scenarios {
 fn main() {
     let args = Arguments::from_args();
     let scenarios: Vec<(&str, &[Backend], Scenario)> = scenarios![
+        blobs::chunked_upload_and_ranged_download on SQLITE,
+        blobs::uploads_survive_a_restart on SQLITE,
+        blobs::blobs_are_off_without_a_directory on POSTGRES,
+        compression::http_bodies_are_negotiated on SQLITE,
+        compression::websocket_frames_are_negotiated on SQLITE,
         http::push_then_pull_round_trip on BOTH,
         http::repush_is_idempotent on BOTH,
         http::pagination on BOTH,
