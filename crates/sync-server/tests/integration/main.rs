@@ -9,8 +9,11 @@
 
 mod blobs;
 mod compression;
+mod crash;
 mod http;
+mod load;
 mod operations;
+mod security;
 mod support;
 mod websocket;
 
@@ -63,6 +66,14 @@ fn main() {
         operations::graceful_shutdown on BOTH,
         operations::tls on SQLITE,
         operations::base_path on SQLITE,
+        crash::acknowledged_pushes_survive_kill9 on BOTH,
+        load::thirty_two_clients on BOTH,
+        security::isolation_on_every_route on BOTH,
+        security::keys_hashed_at_rest on BOTH,
+        security::no_keys_in_logs on BOTH,
+        security::tls_with_a_private_ca on SQLITE,
+        security::size_limits on BOTH,
+        security::unauthenticated_websockets_are_closed on BOTH,
     ];
     let skip_pg = std::env::var("WHISKER_SKIP_PG").is_ok_and(|v| v == "1");
     let mut trials = Vec::new();

@@ -198,6 +198,20 @@ impl Database {
     pub fn start(&self, extra: &[&str]) -> Result<Server, Box<dyn Error + Send + Sync>> {
         Server::start(&self.args(), extra)
     }
+
+    /// Starts a server logging at `level` (`RUST_LOG`), e.g. `trace`.
+    pub fn start_logging(
+        &self,
+        extra: &[&str],
+        level: &str,
+    ) -> Result<Server, Box<dyn Error + Send + Sync>> {
+        Server::start_with_log_level(&self.args(), extra, level)
+    }
+
+    /// The PostgreSQL database's URL (`None` for SQLite).
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.url.as_deref()
+    }
 }
 
 /// Runs a command to completion, killing it after `limit`.
@@ -262,6 +276,14 @@ impl Server {
         database_args: &[String],
         extra: &[&str],
     ) -> Result<Self, Box<dyn Error + Send + Sync>> {
+        Server::start_with_log_level(database_args, extra, "info")
+    }
+
+    fn start_with_log_level(
+        database_args: &[String],
+        extra: &[&str],
+        level: &str,
+    ) -> Result<Self, Box<dyn Error + Send + Sync>> {
         let log_dir = TempDir::new()?;
         let log = std::fs::File::create(log_dir.path().join("server.log"))?;
         let mut child = Command::new(SERVER_BIN)
@@ -269,7 +291,7 @@ impl Server {
             .args(database_args)
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -327,7 +349,7 @@ impl Server {
     }
 }
 
-/// Sends SIGTERM or SIGINT to a process.
+/// Sends SIGTERM, SIGINT or SIGKILL to a process.
 pub fn signal(pid: u32, signal: Signal) -> TestResult {
     let pid = i32::try_from(pid)
         .ok()
@@ -336,6 +358,7 @@ pub fn signal(pid: u32, signal: Signal) -> TestResult {
     let signal = match signal {
         Signal::Term => rustix::process::Signal::TERM,
         Signal::Interrupt => rustix::process::Signal::INT,
+        Signal::Kill => rustix::process::Signal::KILL,
     };
     rustix::process::kill_process(pid, signal)?;
     Ok(())
@@ -345,6 +368,7 @@ pub fn signal(pid: u32, signal: Signal) -> TestResult {
 pub enum Signal {
     Term,
     Interrupt,
+    Kill,
 }
 
 impl Drop for Server {
@@ -626,4 +650,55 @@ pub fn block_on<F: std::future::Future<Output = TestResult>>(future: F) -> TestR
 /// A path inside the temporary directory of a database (for extra files).
 pub fn file_in(db: &Database, name: &str) -> PathBuf {
     db.dir().join(name)
+}
+
+/// Prints a measured figure and appends it to the file named by
+/// `WHISKER_RELIABILITY_REPORT` (which `make test` prints at the end).
+pub fn figure(line: &str) {
+    println!("figure: {line}");
+    if let Some(path) = std::env::var_os("WHISKER_RELIABILITY_REPORT") {
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            use std::io::Write;
+            let _ = writeln!(file, "{line}");
+        }
+    }
+}
+
+/// A count from the environment variable `name`, else `default`.
+pub fn env_count(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A small deterministic random number generator (xorshift).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Resident memory of a process, in KiB (`VmRSS` in `/proc/<pid>/status`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
 }
