@@ -15,8 +15,8 @@ use crate::runtime::block_on;
 use crate::values::{failure, from_lua, success, to_lua};
 
 /// The native HTTP client of a transport instance (its `_native` field).
-struct HttpHandle {
-    client: HttpClient,
+pub(crate) struct HttpHandle {
+    pub(crate) client: HttpClient,
 }
 
 fn number(value: &LuaValue) -> Option<f64> {
@@ -125,6 +125,7 @@ impl UserData for HttpHandle {
                 success(lua, table)
             },
         );
+        crate::blob::add_methods(methods);
         methods.add_method("traffic", |lua, this, ()| {
             let traffic = this.client.traffic();
             let table = lua.create_table()?;

@@ -2,6 +2,7 @@
 //! exposed to Lua. The Lua modules under `lua/whisker/storage/sync/` load it
 //! and present the classes at the module paths whisker-core always used.
 
+mod blob;
 mod engine;
 mod http;
 mod protocol;
@@ -57,5 +58,6 @@ fn whisker_sync(lua: &Lua) -> mlua::Result<Table> {
     exports.set("http", http::module(lua)?)?;
     exports.set("json", http::json_module(lua)?)?;
     exports.set("websocket", websocket::module(lua)?)?;
+    exports.set("blob", blob::module(lua)?)?;
     Ok(exports)
 }

@@ -8,6 +8,7 @@
 --     whisker sync reset [--yes]
 --     whisker sync conflicts [--json]
 --     whisker sync conflicts resolve <story_id> --use local|remote|both
+--     whisker sync assets [--json] | assets add <file> [<name>]
 --
 -- The configuration lives in `.whisker-sync-config.json` (the instance's
 -- `_config_path`, created with mode 0600 because it holds the API key); the
@@ -87,6 +88,7 @@ local ACCEPTS = {
   stats = { json = true },
   reset = { yes = true },
   conflicts = { json = true, use = true, positional = true },
+  assets = { json = true, positional = true },
 }
 
 local FLAG_OF = {}
@@ -748,6 +750,7 @@ local COMMANDS = {
   stats = "cmd_stats",
   reset = "cmd_reset",
   conflicts = "cmd_conflicts",
+  assets = "cmd_assets",
 }
 
 --- Runs a subcommand.
@@ -802,6 +805,7 @@ Commands:
   stats       Show sync statistics
   reset       Reset sync state (stories are kept)
   conflicts   List conflicts waiting for you, or resolve one
+  assets      List the assets stories reference, or add one ('assets add <file>')
   help        Show this help
 
 Examples:
@@ -824,6 +828,9 @@ Examples:
   # Resolve a conflict (with --strategy manual)
   whisker sync conflicts
   whisker sync conflicts resolve my-story --use local
+
+  # Add an image to the assets folder and print the reference for a story
+  whisker sync assets add ~/pictures/cave.png
 
 Options:
   --url <url>              Sync server URL
@@ -1007,6 +1014,86 @@ function SyncCommand:_listener(fn)
   end
 end
 
+--- The asset syncer of a sync context (`whisker.sync.assets`), or nil when
+-- that module is missing. It moves assets through the context's transport
+-- when that can (HTTP), else through an HTTP transport to the configured
+-- server, created only when an asset has to move.
+-- @param ctx context from `_open_sync`
+-- @return Assets or nil
+function SyncCommand:_assets(ctx)
+  local Assets = try_require("whisker.sync.assets")
+  if not Assets then
+    return nil
+  end
+  local config = ctx.config or {}
+  local server = type(config.url) == "string" and http_url(config.url) or nil
+  local transport = ctx.transport
+  if type(transport) ~= "table" or type(transport.put_asset) ~= "function" then
+    transport = nil
+  end
+  return Assets.new({
+    root = self._storage_path,
+    storage = ctx.storage,
+    server = server,
+    transport = transport,
+    connect = function()
+      return self:create_transport({ url = server, api_key = config.api_key, transport = "http",
+        timeout = config.timeout, max_retries = config.max_retries, retry_delay = config.retry_delay })
+    end,
+  })
+end
+
+--- Runs `assets:upload()` or `assets:download()`; a failure becomes a
+-- reported problem instead of stopping the sync (Ctrl+C still stops it).
+-- @return the pass's result
+local function asset_pass(assets, which)
+  if not assets then
+    return nil
+  end
+  local ok, result = pcall(assets[which], assets)
+  if ok then
+    return result
+  end
+  if is_interrupt(result) then
+    error("interrupted!", 0)
+  end
+  return { uploaded = 0, downloaded = 0, sent = 0, received = 0, problems = { clean(result) } }
+end
+
+--- Prints what an upload and a download pass of assets did.
+-- @param up result of `Assets:upload` (or nil)
+-- @param down result of `Assets:download` (or nil)
+-- @param prefix start of each line
+-- @return 0, or 1 when some asset could not be moved
+function SyncCommand:_report_assets(up, down, prefix)
+  local parts, problems = {}, {}
+  local unsupported = false
+  for _, result in ipairs({ up or false, down or false }) do
+    if result then
+      unsupported = unsupported or result.unsupported
+      for _, problem in ipairs(result.problems or {}) do
+        problems[#problems + 1] = problem
+      end
+    end
+  end
+  if up and up.uploaded > 0 then
+    parts[#parts + 1] = ("%s uploaded (%s)"):format(int(up.uploaded), self:format_bytes(up.sent))
+  end
+  if down and down.downloaded > 0 then
+    parts[#parts + 1] = ("%s downloaded (%s)"):format(int(down.downloaded), self:format_bytes(down.received))
+  end
+  if #parts > 0 then
+    self:_print(prefix .. "assets: " .. table.concat(parts, ", "))
+  end
+  if unsupported then
+    self:_warn(prefix .. "assets: the server does not store assets; stories were synced without them")
+  end
+  for _, problem in ipairs(problems) do
+    self:_warn(prefix .. "✗ asset " .. problem)
+  end
+  return #problems > 0 and 1 or 0
+end
+
 --- "N received, N sent[, N conflicts resolved]" for a `sync_completed` event.
 local function summary_text(event, auto_resolved)
   local text = ("%s received, %s sent"):format(int(event.operations_applied), int(event.operations_pushed))
@@ -1070,8 +1157,12 @@ function SyncCommand:cmd_now()
   self:_print("Syncing...")
   local started = monotonic()
   local ok, sync_err = self:_connect(ctx.transport)
+  local assets = self:_assets(ctx)
+  local moved = {}
   if ok then
+    moved[1] = asset_pass(assets, "upload")
     ok, sync_err = engine:sync_now()
+    moved[2] = ok and asset_pass(assets, "download") or nil
   else
     sync_err = "cannot connect to the sync server: " .. tostring(sync_err)
     ctx.state:record_error(sync_err)
@@ -1099,7 +1190,7 @@ function SyncCommand:cmd_now()
   if #held > 0 then
     self:_print(("  %d conflict(s) need your decision: run 'whisker sync conflicts'"):format(#held))
   end
-  return 0
+  return self:_report_assets(moved[1], moved[2], "  ")
 end
 
 ---------------------------------------------------------------------------
@@ -1188,8 +1279,14 @@ function SyncCommand:cmd_start()
 
   local reason = "stopped"
   local max_loops = self._max_loops
+  local assets = self:_assets(ctx)
+  local assets_due = false
+  engine:on("sync_completed", function()
+    assets_due = assets ~= nil
+  end)
   local ran, run_err = pcall(function()
     refresh_storage(ctx.storage)
+    self:_report_assets(asset_pass(assets, "upload"), nil, ("[%s] "):format(clock_time()))
     engine:start_sync()
     local loops = 0
     while true do
@@ -1206,6 +1303,11 @@ function SyncCommand:cmd_start()
       end
       refresh_storage(ctx.storage)
       engine:step()
+      if assets_due then
+        assets_due = false
+        local prefix = ("[%s] "):format(clock_time())
+        self:_report_assets(asset_pass(assets, "upload"), asset_pass(assets, "download"), prefix)
+      end
       local out = self._stdout or io.stdout
       if out.flush then
         out:flush()
@@ -1573,6 +1675,88 @@ function SyncCommand:cmd_conflicts(parsed)
   end
   self:_print("")
   self:_print("Resolve with: whisker sync conflicts resolve <story_id> --use local|remote|both")
+  return 0
+end
+
+---------------------------------------------------------------------------
+-- assets
+---------------------------------------------------------------------------
+
+--- `whisker sync assets`: lists the assets the stories reference and where
+-- each stands here (never contacts the server); `whisker sync assets add
+-- <file> [<name>]` copies a file into the assets folder and prints the
+-- reference to put in a story.
+-- @param parsed parsed arguments (`json`, `positional`)
+-- @return exit code
+function SyncCommand:cmd_assets(parsed)
+  parsed = parsed or {}
+  local positional = parsed.positional or {}
+  local action = positional[1] or "list"
+  if action ~= "list" and action ~= "add" then
+    return self:_fail(("unknown assets action '%s' (use 'list' or 'add <file> [<name>]')"):format(action))
+  end
+  if action == "add" and (not positional[2] or #positional > 3) then
+    return self:_fail("usage: whisker sync assets add <file> [<name>]")
+  elseif action == "list" and #positional > 1 then
+    return self:_fail(("unexpected argument '%s'"):format(positional[2]))
+  end
+  local Assets = try_require("whisker.sync.assets")
+  if not Assets then
+    return self:_fail("the assets module (whisker.sync.assets) is not available")
+  end
+  local storage, err = self:create_storage()
+  if not storage then
+    return self:_fail(err)
+  end
+  local config = self:load_config()
+  local assets = Assets.new({
+    root = self._storage_path,
+    storage = storage,
+    server = config and type(config.url) == "string" and http_url(config.url) or nil,
+  })
+
+  if action == "add" then
+    local ref, add_err = assets:add(positional[2], positional[3])
+    if not ref then
+      return self:_fail(add_err)
+    end
+    if parsed.json then
+      return write_json(self, ref)
+    end
+    self:_print(("✓ Added %s/%s (%s)"):format(assets:folder(), ref.name, self:format_bytes(ref.size)))
+    self:_print("  Reference it from a story with:")
+    self:_print("  " .. assert(json_codec().encode(ref)))
+    return 0
+  end
+
+  local rows = assets:status()
+  if parsed.json then
+    local out = {}
+    for _, row in ipairs(rows) do
+      out[#out + 1] = { sha256 = row.ref.sha256, name = row.ref.name, size = row.ref.size, type = row.ref.type,
+        path = row.path, present = row.present, changed = row.changed, on_server = row.on_server }
+    end
+    return write_json(self, { assets = out }, { "assets" })
+  end
+  if #rows == 0 then
+    self:_print("No assets referenced by stories")
+    self:_print("  (add one with 'whisker sync assets add <file>')")
+    return 0
+  end
+  self:_print(("Assets referenced by stories: %d"):format(#rows))
+  self:_print(RULE)
+  for _, row in ipairs(rows) do
+    local where
+    if row.present then
+      where = row.on_server and "here and on the server" or "here (uploaded at the next sync)"
+    elseif row.changed then
+      where = "changed here: differs from the reference"
+    else
+      where = "missing here (downloaded at the next sync)"
+    end
+    self:_print(("%s  %s  %s  sha256:%s  %s"):format(row.path, self:format_bytes(row.ref.size),
+      tostring(row.ref.type or Assets.type_of(row.path)), row.ref.sha256:sub(1, 12), where))
+  end
   return 0
 end
 

@@ -12,6 +12,15 @@
 -- `fetch_operations`, `push_operations` and `get_server_version` obtain every
 -- response through `self:_request(method, path, body)`, looked up on the
 -- instance when called, so an instance's `_request` can be replaced.
+--
+-- Compression is negotiated: answers are gzip-compressed when large (the
+-- transport asks for it and decodes them), and JSON request bodies over
+-- 1 KiB are compressed once the server has said it accepts gzip.
+--
+-- Large assets (docs/USER_GUIDE.md, "Assets") go through `put_asset`,
+-- `put_asset_data`, `get_asset` and `asset_status`: content addressed by
+-- SHA-256, uploaded in chunks and downloaded as a stream, both resuming
+-- after an interruption.
 -- @module whisker.storage.sync.transports.http
 
 -- luacheck: ignore 212/self (methods keep the old signatures)
@@ -29,7 +38,8 @@ HTTPTransport.__index = HTTPTransport
 --   `timeout` seconds per attempt (30), `max_retries` retries after the first
 --   attempt (3), `retry_delay` first backoff in seconds (1),
 --   `user_agent` ("Whisker-Sync/1.0"), `ca_file` PEM file of extra trusted
---   certificates, `max_response_bytes` largest accepted body (64 MiB)
+--   certificates, `max_response_bytes` largest accepted body (64 MiB),
+--   `asset_chunk_size` bytes per asset upload request (4 MiB)
 -- @return HTTPTransport
 function HTTPTransport.new(config)
   local self = setmetatable({}, HTTPTransport)
@@ -41,6 +51,7 @@ function HTTPTransport.new(config)
   self.retry_delay = config.retry_delay or 1
   self.ca_file = config.ca_file
   self.max_response_bytes = config.max_response_bytes
+  self.asset_chunk_size = config.asset_chunk_size
   self.is_https = self.base_url:match("^https://") ~= nil
   local client, err = http.client(self.ca_file)
   if not client then
@@ -151,6 +162,73 @@ function HTTPTransport:get_server_version(device_id)
   return http.parse_version(response.status, response.body)
 end
 
+--- The settings the native asset calls use (read from the instance each time).
+-- @return table
+function HTTPTransport:_asset_settings()
+  return {
+    base_url = self.base_url,
+    api_key = self.api_key,
+    user_agent = self.user_agent,
+    timeout = self.timeout,
+    max_retries = self.max_retries,
+    retry_delay = self.retry_delay,
+    chunk_size = self.asset_chunk_size,
+  }
+end
+
+--- Uploads a file as an asset, in chunks; resumes an upload an earlier call
+-- left unfinished, and sends nothing when the server already has it.
+-- @param path file to upload (read chunk by chunk, never whole)
+-- @return the SHA-256 (64 lower-case hex digits) and
+--   `{sha256, size, skipped, resumed_from, sent}`, or nil and a message
+function HTTPTransport:put_asset(path)
+  if type(path) ~= "string" then
+    return nil, "path must be a string"
+  end
+  local report, err = self._native:put_blob_file(self:_asset_settings(), path)
+  if not report then
+    return nil, err
+  end
+  return report.sha256, report
+end
+
+--- Uploads a string as an asset (as `put_asset`).
+-- @param data the bytes
+-- @return the SHA-256 and the report, or nil and a message
+function HTTPTransport:put_asset_data(data)
+  if type(data) ~= "string" then
+    return nil, "data must be a string"
+  end
+  local report, err = self._native:put_blob_data(self:_asset_settings(), data)
+  if not report then
+    return nil, err
+  end
+  return report.sha256, report
+end
+
+--- Downloads an asset into a file. Bytes arrive in `<dest_path>.part`,
+-- which a later call resumes after an interruption; the file appears under
+-- `dest_path` only once its SHA-256 matches.
+-- @param sha256 `"sha256:<hex>"` or the bare hex digest
+-- @param dest_path where to write it (missing folders are created)
+-- @return `{sha256, size, resumed_from, received}`, or nil and a message
+function HTTPTransport:get_asset(sha256, dest_path)
+  if type(sha256) ~= "string" or type(dest_path) ~= "string" then
+    return nil, "sha256 and dest_path must be strings"
+  end
+  return self._native:get_blob(self:_asset_settings(), sha256, dest_path)
+end
+
+--- What the server holds of an asset for this key.
+-- @param sha256 `"sha256:<hex>"` or the bare hex digest
+-- @return `{sha256, size, received, complete}`, or nil and a message
+function HTTPTransport:asset_status(sha256)
+  if type(sha256) ~= "string" then
+    return nil, "sha256 must be a string"
+  end
+  return self._native:blob_status(self:_asset_settings(), sha256)
+end
+
 --- Percent-encodes a query value (space as `+`; nil gives `""`).
 -- @param str text
 -- @return encoded text
@@ -164,7 +242,8 @@ function HTTPTransport:is_available()
   return true
 end
 
---- Payload bytes this transport sent and received.
+--- Bytes this transport sent and received on the network (after
+-- compression), assets included.
 -- @return `{sent, received}`
 function HTTPTransport:get_traffic()
   return self._native:traffic()
