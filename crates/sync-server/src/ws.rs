@@ -52,9 +52,17 @@ const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
 pub async fn upgrade<S: Storage>(
     State(state): State<Arc<AppState<S>>>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    accept(state, ws)
+    match ws {
+        Ok(ws) => accept(state, ws),
+        // Not a WebSocket handshake: a JSON error, like every other HTTP error.
+        Err(rejection) => (
+            rejection.status(),
+            Json(json!({ "error": rejection.body_text() })),
+        )
+            .into_response(),
+    }
 }
 
 /// `GET /`: a WebSocket upgrade, or a short description of the server.
