@@ -170,5 +170,16 @@ describe("assets through the HTTP transport", function()
     local fetched = assert(desktop:fetch_operations("desktop", 0))
     assert.equals("p300", fetched.operations[1].data.passages[300].name)
     assert.is_true(desktop:get_traffic().received * 5 < raw)
+
+    -- Switched off, both directions are plain, as with the old client.
+    local plain = transport({ compression = false })
+    assert(plain:get_server_version("plain"))
+    op.id = "op-2"
+    before = plain:get_traffic().sent
+    assert(plain:push_operations("plain", { op }))
+    assert.is_true(plain:get_traffic().sent - before > raw * 0.9)
+    before = plain:get_traffic().received
+    assert(plain:fetch_operations("other", 0))
+    assert.is_true(plain:get_traffic().received - before > raw * 0.9)
   end)
 end)

@@ -136,11 +136,22 @@ impl UserData for HttpHandle {
     }
 }
 
-/// `client(ca_file?)` → a native client, or `nil, message`.
-fn client(lua: &Lua, ca_file: Option<String>) -> mlua::Result<MultiValue> {
+/// `client(ca_file?, compression?)` → a native client, or `nil, message`;
+/// `compression` false makes a client that never negotiates gzip.
+fn client(
+    lua: &Lua,
+    (ca_file, compression): (Option<String>, Option<bool>),
+) -> mlua::Result<MultiValue> {
     let ca_file = ca_file.map(PathBuf::from);
     match HttpClient::new(ca_file.as_deref()) {
-        Ok(client) => success(lua, lua.create_userdata(HttpHandle { client })?),
+        Ok(client) => {
+            let client = if compression == Some(false) {
+                client.without_compression()
+            } else {
+                client
+            };
+            success(lua, lua.create_userdata(HttpHandle { client })?)
+        }
         Err(e) => failure(lua, e.to_string()),
     }
 }

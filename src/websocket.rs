@@ -171,7 +171,7 @@ impl UserData for WsHandle {
 /// `connect(options)` → a native connection, or `nil, message`. Options:
 /// `url`, `api_key`, `device_id`, `reconnect`, `ping_interval`,
 /// `response_timeout`, `max_reconnect_delay` (seconds), `ca_file`,
-/// `max_message_bytes`, `resume_from`.
+/// `max_message_bytes`, `resume_from`, `compression` (false: no gzip frames).
 fn connect(lua: &Lua, options: Table) -> mlua::Result<MultiValue> {
     let mut config = WsConfig::new(
         options.get::<String>("url")?,
@@ -198,6 +198,10 @@ fn connect(lua: &Lua, options: Table) -> mlua::Result<MultiValue> {
     if let Some(n) = number(&options.get::<LuaValue>("resume_from")?) {
         config.resume_from = n.max(0.0) as u64;
     }
+    config.compression = !matches!(
+        options.get::<LuaValue>("compression")?,
+        LuaValue::Boolean(false)
+    );
     match block_on(WsClient::connect(config)) {
         Ok(Ok(client)) => success(
             lua,

@@ -432,5 +432,16 @@ fn json_is_compressed_both_ways_once_negotiated() {
         assert!(answer.success);
         assert!((phone.traffic().sent - before) * 5 < raw);
         phone.close();
+
+        // Switched off: the old text frames, full size.
+        let mut config = WsConfig::new(server.ws_url(), KEY);
+        config.compression = false;
+        let plain = WsClient::connect(config).await.expect("connect");
+        plain
+            .fetch_operations("tablet", 0, None)
+            .await
+            .expect("plain fetch");
+        assert!(plain.traffic().received >= raw, "{:?}", plain.traffic());
+        plain.close();
     });
 }

@@ -528,11 +528,11 @@ impl BlobClient {
         for (name, value) in self.headers() {
             request = request.header(name, value);
         }
-        request = if part.len > 0 {
-            request.header(RANGE, format!("bytes={}-", part.len))
-        } else {
-            request.header(ACCEPT_ENCODING, HeaderValue::from_static(GZIP))
-        };
+        if part.len > 0 {
+            request = request.header(RANGE, format!("bytes={}-", part.len));
+        } else if self.client.compresses() {
+            request = request.header(ACCEPT_ENCODING, HeaderValue::from_static(GZIP));
+        }
         let network = |e| BlobError::Http(network_error(&url, limit, e));
         let mut response = match timeout(limit, request.send()).await {
             Err(_) => return Err(timed_out(&url, limit)),

@@ -146,6 +146,8 @@ pub struct HttpClient {
     traffic: Arc<TrafficCounter>,
     /// The server said it accepts gzip request bodies.
     server_gzip: Arc<AtomicBool>,
+    /// Off: no `Accept-Encoding`, no compressed bodies (plain HTTP as the old client spoke it).
+    compression: bool,
 }
 
 /// The detail of a reqwest error: its innermost cause.
@@ -267,7 +269,20 @@ impl HttpClient {
             client,
             traffic: Arc::default(),
             server_gzip: Arc::default(),
+            compression: true,
         })
+    }
+
+    /// This client without compression: it asks for plain answers and sends
+    /// plain bodies, whatever the server accepts.
+    pub fn without_compression(mut self) -> Self {
+        self.compression = false;
+        self
+    }
+
+    /// Whether this client negotiates compression (the default).
+    pub fn compresses(&self) -> bool {
+        self.compression
     }
 
     /// Bytes sent and received on the network so far (compressed sizes).
@@ -277,7 +292,7 @@ impl HttpClient {
 
     /// Whether the server has said it accepts gzip-compressed request bodies.
     pub fn server_accepts_gzip(&self) -> bool {
-        self.server_gzip.load(Ordering::Relaxed)
+        self.compression && self.server_gzip.load(Ordering::Relaxed)
     }
 
     pub(crate) fn reqwest(&self) -> &reqwest::Client {
@@ -391,7 +406,10 @@ impl HttpClient {
                 .map_err(|e| HttpError::Encode(format!("header {name}: {e}")))?;
             headers.insert(name, value);
         }
-        if !headers.contains_key(ACCEPT_ENCODING) && !headers.contains_key(RANGE) {
+        if self.compression
+            && !headers.contains_key(ACCEPT_ENCODING)
+            && !headers.contains_key(RANGE)
+        {
             headers.insert(ACCEPT_ENCODING, HeaderValue::from_static(GZIP));
         }
         if body.gzip {
@@ -491,6 +509,8 @@ pub struct HttpConfig {
     /// Extra trusted certificates (PEM).
     pub ca_file: Option<PathBuf>,
     pub max_response_bytes: usize,
+    /// Negotiate gzip with the server (default true).
+    pub compression: bool,
 }
 
 impl HttpConfig {
@@ -504,6 +524,7 @@ impl HttpConfig {
             user_agent: "Whisker-Sync/1.0".to_owned(),
             ca_file: None,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            compression: true,
         }
     }
 }
@@ -532,7 +553,10 @@ pub struct HttpTransport {
 
 impl HttpTransport {
     pub fn new(config: HttpConfig) -> Result<Self, HttpError> {
-        let client = HttpClient::new(config.ca_file.as_deref())?;
+        let mut client = HttpClient::new(config.ca_file.as_deref())?;
+        if !config.compression {
+            client = client.without_compression();
+        }
         Ok(HttpTransport { config, client })
     }
 

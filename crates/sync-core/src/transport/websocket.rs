@@ -14,7 +14,8 @@
 //! - queues [`WsEvent`]s (remote changes, connection changes, unsolicited
 //!   server messages) for the owner to take with [`WsClient::try_event`] /
 //!   [`WsClient::next_event`]. Nothing is called back from the task;
-//! - compresses: `auth` offers `"compression": ["gzip"]`; when `auth_ok`
+//! - compresses (unless `compression` is off): `auth` offers
+//!   `"compression": ["gzip"]`; when `auth_ok`
 //!   accepts it, messages larger than [`MIN_COMPRESS_BYTES`] go both ways as
 //!   binary frames holding the gzip-compressed JSON (tungstenite has no
 //!   permessage-deflate). Servers that do not answer the offer get text only.
@@ -91,6 +92,8 @@ pub struct WsConfig {
     pub max_message_bytes: usize,
     /// Version the caller has already seen: resuming fetches after it.
     pub resume_from: u64,
+    /// Offer gzip frames in `auth` (default true).
+    pub compression: bool,
 }
 
 impl WsConfig {
@@ -106,6 +109,7 @@ impl WsConfig {
             ca_file: None,
             max_message_bytes: 64 * 1024 * 1024,
             resume_from: 0,
+            compression: true,
         }
     }
 }
@@ -314,10 +318,12 @@ async fn dial(config: &WsConfig) -> Result<Session, WsError> {
     if let Some(device) = &config.device_id {
         auth.insert("device_id".to_owned(), Value::Str(device.clone()));
     }
-    auth.insert(
-        "compression".to_owned(),
-        Value::Array(vec![Value::from(compression::GZIP)]),
-    );
+    if config.compression {
+        auth.insert(
+            "compression".to_owned(),
+            Value::Array(vec![Value::from(compression::GZIP)]),
+        );
+    }
     let text =
         serde_json::to_string(&Value::Object(auth)).map_err(|e| WsError::Encode(e.to_string()))?;
     socket

@@ -39,7 +39,8 @@ HTTPTransport.__index = HTTPTransport
 --   attempt (3), `retry_delay` first backoff in seconds (1),
 --   `user_agent` ("Whisker-Sync/1.0"), `ca_file` PEM file of extra trusted
 --   certificates, `max_response_bytes` largest accepted body (64 MiB),
---   `asset_chunk_size` bytes per asset upload request (4 MiB)
+--   `asset_chunk_size` bytes per asset upload request (4 MiB),
+--   `compression` (true; false asks for and sends plain bodies only)
 -- @return HTTPTransport
 function HTTPTransport.new(config)
   local self = setmetatable({}, HTTPTransport)
@@ -53,7 +54,8 @@ function HTTPTransport.new(config)
   self.max_response_bytes = config.max_response_bytes
   self.asset_chunk_size = config.asset_chunk_size
   self.is_https = self.base_url:match("^https://") ~= nil
-  local client, err = http.client(self.ca_file)
+  self.compression = config.compression ~= false
+  local client, err = http.client(self.ca_file, self.compression)
   if not client then
     error(err, 2)
   end

@@ -51,7 +51,8 @@ local POLL_INTERVAL = 0.01
 --   `response_timeout` seconds (5), `max_reconnect_delay` seconds (30),
 --   `websocket_client` (injected client), `device_id` (sent when
 --   authenticating and used to resume), `ca_file` (PEM of extra trusted
---   certificates), `resume_from` (version already seen)
+--   certificates), `resume_from` (version already seen), `compression`
+--   (true: the native connection offers gzip frames for large messages)
 -- @return WebSocketTransport
 function WebSocketTransport.new(config)
   local self = setmetatable({}, WebSocketTransport)
@@ -65,6 +66,7 @@ function WebSocketTransport.new(config)
   self.device_id = config.device_id
   self.ca_file = config.ca_file
   self.resume_from = config.resume_from
+  self.compression = config.compression ~= false
   self.ws = nil
   self.connected = false
   self.authenticated = false
@@ -149,6 +151,7 @@ function WebSocketTransport:_connect_native()
     max_reconnect_delay = self.max_reconnect_delay,
     ca_file = self.ca_file,
     resume_from = self.resume_from,
+    compression = self.compression,
   })
   if not link then
     self.reconnect_attempt = self.reconnect_attempt + 1
