@@ -16,7 +16,7 @@ profile_flag := $(if $(filter release,$(PROFILE)),--release,)
 # build/<flavour>/, so builds must not run in parallel.
 .NOTPARALLEL:
 
-.PHONY: all build test converge conformance lint fmt bootstrap clean rock-build rock-install demo $(addprefix build-,$(FLAVOURS) lua5.3 lua5.2)
+.PHONY: all build test converge soak fuzz conformance lint fmt bootstrap clean rock-build rock-install demo $(addprefix build-,$(FLAVOURS) lua5.3 lua5.2)
 
 all: build
 
@@ -68,6 +68,22 @@ converge: bootstrap
 	cargo build --release -p sync-server
 	WHISKER_SYNC_SEEDS=$(SEEDS) WHISKER_SYNC_SERVER=$(CURDIR)/target/release/whisker-sync-server \
 		cargo test --release -p sync-core --test convergence
+
+# Reliability runs longer than `make test` (docs/RELIABILITY.md): the
+# 32-client load for SOAK_SECONDS on SQLite and on PostgreSQL, then many more
+# server and client kills, in release builds; prints the figures.
+SOAK_SECONDS ?= 300
+soak: bootstrap
+	@SOAK_SECONDS=$(SOAK_SECONDS) scripts/soak.sh
+
+# The property tests (decoding, engine, clients, server requests, version
+# vectors) with FUZZ_CASES cases each instead of a few hundred.
+FUZZ_CASES ?= 10000
+fuzz: bootstrap
+	cargo build --release -p sync-server
+	PROPTEST_CASES=$(FUZZ_CASES) WHISKER_SYNC_SERVER=$(CURDIR)/target/release/whisker-sync-server \
+		cargo test --release -p sync-core --lib --test fuzz -- --nocapture
+	PROPTEST_CASES=$(FUZZ_CASES) cargo test --release -p sync-server --test fuzz -- --nocapture
 
 conformance: build
 	@scripts/conformance.sh

