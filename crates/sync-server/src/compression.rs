@@ -11,7 +11,9 @@
 
 use axum::http::header::{ACCEPT_ENCODING, CONTENT_TYPE};
 use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode, Version};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
 use sync_core::transport::compression::{GZIP, MIN_COMPRESS_BYTES};
 use tower_http::compression::predicate::{Predicate, SizeAbove};
 use tower_http::compression::{CompressionLayer, CompressionLevel};
@@ -52,8 +54,17 @@ pub fn requests() -> RequestDecompressionLayer {
     RequestDecompressionLayer::new()
 }
 
-/// Adds `Accept-Encoding: gzip` to an answer: the server takes gzip bodies.
-pub async fn advertise(mut response: Response) -> Response {
+/// Adds `Accept-Encoding: gzip` to an answer (the server takes gzip bodies),
+/// and gives the decompression layer's bare 415 the usual JSON error body.
+pub async fn advertise(response: Response) -> Response {
+    let mut response = if response.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE
+        && !response.headers().contains_key(CONTENT_TYPE)
+    {
+        let body = Json(json!({ "error": "unsupported Content-Encoding (use gzip or none)" }));
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, body).into_response()
+    } else {
+        response
+    };
     response
         .headers_mut()
         .entry(ACCEPT_ENCODING)

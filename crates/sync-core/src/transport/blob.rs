@@ -355,7 +355,7 @@ impl BlobClient {
                 })?;
                 (packed, true)
             } else {
-                (buffer.clone(), false)
+                (std::mem::take(&mut buffer), false)
             };
             let wire = body.len() as u64;
             match self.put_chunk(sha, size, offset, body, gzip).await {

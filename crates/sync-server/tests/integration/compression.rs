@@ -110,6 +110,8 @@ pub async fn http_bodies_are_negotiated(backend: Backend) -> TestResult {
         .await?;
     assert_eq!(refused.status(), 415);
     assert_eq!(refused.headers()["accept-encoding"], "gzip");
+    let refused: Value = refused.json().await?;
+    assert!(refused["error"].is_string(), "{refused}");
     let corrupt = client
         .post(url("/operations"))
         .bearer_auth(&key)
