@@ -27,7 +27,8 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{figure, runtime, Server, KEY};
+use support::reliability::{env_count, figure};
+use support::{runtime, Server, KEY};
 use sync_core::engine::{
     Conflict, Decision, Engine, EngineConfig, Host, HostError, HttpLink, Outcome, Progress,
     Storage, StoryEntry,
@@ -281,11 +282,8 @@ fn fresh_copy(server_url: &str, scratch: &Path) -> BTreeMap<String, Value> {
 }
 
 /// Kills per test: `WHISKER_CRASH_ITERATIONS`, else `default`.
-fn iterations(default: usize) -> usize {
-    std::env::var("WHISKER_CRASH_ITERATIONS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
+fn iterations(default: u64) -> usize {
+    usize::try_from(env_count("WHISKER_CRASH_ITERATIONS", default)).unwrap_or(usize::MAX)
 }
 
 #[test]

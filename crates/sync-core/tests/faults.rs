@@ -26,12 +26,13 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{prlimit, Pid, Resource, Rlimit};
 use support::proxy::{Direction, Fault, Proxy, Route};
-use support::{figure, runtime, Server, KEY};
+use support::reliability::figure;
+use support::{runtime, Server, KEY};
 use sync_core::engine::{
-    Conflict, ContentSource, Decision, Engine, EngineConfig, FetchPage, Host, HostError, HttpLink,
-    MemoryStorage, MemoryStore, Outcome, Progress, PushReply, Transport,
+    with_content, Conflict, ContentSource, Decision, Engine, EngineConfig, FetchPage, Host,
+    HostError, HttpLink, MemoryStorage, MemoryStore, Outcome, Progress, PushReply, Transport,
 };
-use sync_core::protocol::{ConflictStrategy, OpType, Operation};
+use sync_core::protocol::{ConflictStrategy, Operation};
 use sync_core::state::StateManager;
 use sync_core::transport::http::{HttpConfig, HttpTransport};
 use sync_core::transport::websocket::{WsClient, WsConfig};
@@ -84,15 +85,7 @@ impl Transport for WsLink {
         operations: &[Operation],
         content: &mut ContentSource<'_>,
     ) -> Result<PushReply, HostError> {
-        let mut operations = operations.to_vec();
-        for op in &mut operations {
-            if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
-                op.data = content(&op.story_id)?;
-                if op.data.is_none() {
-                    op.op_type = OpType::Delete;
-                }
-            }
-        }
+        let operations = with_content(operations, content)?;
         let answer = self
             .runtime
             .block_on(self.client.push_operations(device_id, &operations))

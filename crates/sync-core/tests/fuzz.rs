@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::TestRunner;
 use support::proxy::{Fault, Proxy, Route};
-use support::{figure, runtime, Server, KEY};
+use support::reliability::{cases, figure, proptest_config};
+use support::{runtime, Server, KEY};
 use sync_core::engine::{
     validate_story_id, Conflict, ContentSource, Decision, Engine, EngineConfig, FetchPage, Host,
     HostError, MemoryStorage, MemoryStore, Outcome, Progress, PushReply, SyncError, Transport,
@@ -31,22 +32,6 @@ use sync_core::wire::{
 };
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-
-/// Cases per property: `PROPTEST_CASES`, else `default`.
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
-}
-
-fn config(default: u32) -> Config {
-    Config {
-        cases: cases(default),
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
 
 /// Any document: scalars of every kind (odd floats included), nested arrays
 /// and objects.
@@ -180,7 +165,7 @@ fn decode_everything(bytes: &[u8]) -> usize {
 
 #[test]
 fn wire_messages_decode_from_arbitrary_bytes() {
-    let mut runner = TestRunner::new(config(512));
+    let mut runner = TestRunner::new(proptest_config(512));
     let decoded = Cell::new(0);
     runner
         .run(&json_text(), |bytes| {
@@ -205,7 +190,7 @@ fn wire_messages_decode_from_arbitrary_bytes() {
 
 #[test]
 fn operations_from_arbitrary_documents() {
-    let mut runner = TestRunner::new(config(1024));
+    let mut runner = TestRunner::new(proptest_config(1024));
     let (accepted, refused) = (Cell::new(0), Cell::new(0));
     runner
         .run(&prop_oneof![operation_like(), document()], |doc| {
@@ -287,7 +272,7 @@ impl Host for Quiet {
 
 #[test]
 fn engine_refuses_bad_remote_operations_without_side_effects() {
-    let mut runner = TestRunner::new(config(256));
+    let mut runner = TestRunner::new(proptest_config(256));
     let (synced, refused) = (Cell::new(0), Cell::new(0));
     let strategy = prop::collection::vec(operation_like(), 1..6);
     runner
@@ -347,7 +332,7 @@ fn http_client_survives_arbitrary_answers() {
         "s",
         Some(Value::empty_object()),
     );
-    let mut runner = TestRunner::new(self::config(128));
+    let mut runner = TestRunner::new(proptest_config(128));
     let answers = Cell::new(0);
     runner
         .run(&json_text(), |body| {
@@ -409,7 +394,7 @@ fn websocket_client_survives_arbitrary_messages() {
         4 => json_text().prop_map(|t| Message::text(String::from_utf8_lossy(&t).into_owned())),
         1 => prop::collection::vec(any::<u8>(), 0..64).prop_map(Message::binary),
     ];
-    let mut runner = TestRunner::new(self::config(128));
+    let mut runner = TestRunner::new(proptest_config(128));
     let sent = Cell::new(0);
     runner
         .run(&prop::collection::vec(frame, 1..4), |frames| {

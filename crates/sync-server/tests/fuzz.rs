@@ -18,7 +18,7 @@ use axum::http::{Method, Request};
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::TestRunner;
 use serde_json::{json, Value};
 use sync_server::config::{Limits, Settings};
 use sync_server::keys;
@@ -27,6 +27,11 @@ use sync_server::{router, AppState};
 use tempfile::TempDir;
 use tokio_tungstenite::tungstenite::Message;
 use tower::ServiceExt;
+
+#[path = "../../sync-core/tests/support/reliability.rs"]
+mod reliability;
+
+use reliability::{figure, proptest_config};
 
 const KEY: &str = "fuzz-key-0123456789";
 
@@ -76,36 +81,6 @@ fn peak_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
     let result = f();
     let peak = PEAK.with(Cell::get);
     (result, usize::try_from(peak - base).unwrap_or(0))
-}
-
-/// Prints a measured figure and appends it to `WHISKER_RELIABILITY_REPORT`.
-fn figure(line: &str) {
-    println!("figure: {line}");
-    if let Some(path) = std::env::var_os("WHISKER_RELIABILITY_REPORT") {
-        if let Ok(mut file) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            use std::io::Write;
-            let _ = writeln!(file, "{line}");
-        }
-    }
-}
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
-}
-
-fn config(default: u32) -> Config {
-    Config {
-        cases: cases(default),
-        failure_persistence: None,
-        ..Config::default()
-    }
 }
 
 fn settings(blob_dir: &TempDir) -> Settings {
@@ -292,7 +267,7 @@ fn arbitrary_requests_never_fail_the_server() {
     let dir = TempDir::new().expect("temp dir");
     let app = rt.block_on(app(&dir));
     let statuses = Cell::new([0u32; 6]);
-    let mut runner = TestRunner::new(config(1024));
+    let mut runner = TestRunner::new(proptest_config(1024));
     runner
         .run(&request(), |request| {
             let (status, _) = rt
@@ -326,7 +301,7 @@ fn pushes_with_arbitrary_parts_are_all_or_nothing() {
     };
     let accepted = Cell::new(0);
     let refused = Cell::new(0);
-    let mut runner = TestRunner::new(config(512));
+    let mut runner = TestRunner::new(proptest_config(512));
     runner
         .run(&push_body(), |body| {
             let (_, before) = rt
@@ -492,7 +467,7 @@ fn websocket_messages_are_answered() {
     ];
     let answered = Cell::new(0);
     let socket = std::cell::RefCell::new(ws);
-    let mut runner = TestRunner::new(config(256));
+    let mut runner = TestRunner::new(proptest_config(256));
     runner
         .run(&message, |text| {
             let mut ws = socket.borrow_mut();

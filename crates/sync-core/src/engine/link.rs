@@ -7,8 +7,8 @@ use tokio::runtime::Handle;
 use crate::state::operation_value;
 use crate::transport::http::HttpTransport;
 
-use super::{ContentSource, FetchPage, HostError, PushReply, Transport};
-use crate::protocol::{OpType, Operation};
+use super::{with_content, ContentSource, FetchPage, HostError, PushReply, Transport};
+use crate::protocol::Operation;
 
 /// [`HttpTransport`] driven to completion on a tokio runtime.
 pub struct HttpLink {
@@ -63,15 +63,7 @@ impl Transport for HttpLink {
         operations: &[Operation],
         content: &mut ContentSource<'_>,
     ) -> Result<PushReply, HostError> {
-        let mut operations = operations.to_vec();
-        for op in &mut operations {
-            if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
-                op.data = content(&op.story_id)?;
-                if op.data.is_none() {
-                    op.op_type = OpType::Delete;
-                }
-            }
-        }
+        let operations = with_content(operations, content)?;
         let before = self.transport.traffic();
         let answer = self
             .runtime

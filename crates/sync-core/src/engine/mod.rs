@@ -127,6 +127,25 @@ pub struct PushReply {
 /// Provides a story's current content, for [`Transport::push`].
 pub type ContentSource<'a> = dyn FnMut(&str) -> Result<Option<Value>, HostError> + 'a;
 
+/// `operations` ready for the wire: each create or update without `data`
+/// gets its story's current content from `content`, and one whose story is
+/// gone becomes a delete (what [`Transport::push`] promises).
+pub fn with_content(
+    operations: &[Operation],
+    content: &mut ContentSource<'_>,
+) -> Result<Vec<Operation>, HostError> {
+    let mut operations = operations.to_vec();
+    for op in &mut operations {
+        if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
+            op.data = content(&op.story_id)?;
+            if op.data.is_none() {
+                op.op_type = OpType::Delete;
+            }
+        }
+    }
+    Ok(operations)
+}
+
 /// The server.
 pub trait Transport {
     fn fetch(&mut self, device_id: &str, since: u64) -> Result<FetchPage, HostError>;

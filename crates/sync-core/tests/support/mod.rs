@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod reliability;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -201,22 +202,6 @@ pub fn kill9(pid: u32) {
         .expect("a child's pid");
     // The process may already be gone; that is what was wanted.
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-}
-
-/// Appends a measured figure (one line) to the file named by
-/// `WHISKER_RELIABILITY_REPORT`, which `make test` prints at the end (and
-/// always prints it, for `--nocapture` runs).
-pub fn figure(line: &str) {
-    println!("figure: {line}");
-    if let Some(path) = std::env::var_os("WHISKER_RELIABILITY_REPORT") {
-        if let Ok(mut file) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(file, "{line}");
-        }
-    }
 }
 
 impl Server {

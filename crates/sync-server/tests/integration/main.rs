@@ -13,6 +13,8 @@ mod crash;
 mod http;
 mod load;
 mod operations;
+#[path = "../../../sync-core/tests/support/reliability.rs"]
+mod reliability;
 mod security;
 mod support;
 mod websocket;

@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio_tungstenite::tungstenite::Message;
 
+pub use crate::reliability::{env_count, figure};
+
 pub type TestResult = Result<(), Box<dyn Error + Send + Sync>>;
 
 pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_whisker-sync-server");
@@ -650,30 +652,6 @@ pub fn block_on<F: std::future::Future<Output = TestResult>>(future: F) -> TestR
 /// A path inside the temporary directory of a database (for extra files).
 pub fn file_in(db: &Database, name: &str) -> PathBuf {
     db.dir().join(name)
-}
-
-/// Prints a measured figure and appends it to the file named by
-/// `WHISKER_RELIABILITY_REPORT` (which `make test` prints at the end).
-pub fn figure(line: &str) {
-    println!("figure: {line}");
-    if let Some(path) = std::env::var_os("WHISKER_RELIABILITY_REPORT") {
-        if let Ok(mut file) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            use std::io::Write;
-            let _ = writeln!(file, "{line}");
-        }
-    }
-}
-
-/// A count from the environment variable `name`, else `default`.
-pub fn env_count(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// A small deterministic random number generator (xorshift).
