@@ -8,75 +8,21 @@
 local SyncCommand = require("whisker.cli.commands.sync")
 local native = require("whisker.storage.sync.native")
 local reference_server = require("support.reference_server")
-
-local function tempdir()
-  local name = os.tmpname()
-  os.remove(name)
-  assert(os.execute(("mkdir -p %q"):format(name)))
-  return name
-end
-
-local function write(path, data)
-  local file = assert(io.open(path, "wb"))
-  file:write(data)
-  file:close()
-end
-
-local function read(path)
-  local file = io.open(path, "rb")
-  if not file then
-    return nil
-  end
-  local data = file:read("*a")
-  file:close()
-  return data
-end
-
-local function buffer()
-  local chunks = {}
-  return {
-    write = function(self, ...)
-      for i = 1, select("#", ...) do
-        chunks[#chunks + 1] = tostring((select(i, ...)))
-      end
-      return self
-    end,
-    flush = function() end,
-    text = function()
-      return table.concat(chunks)
-    end,
-    clear = function()
-      chunks = {}
-    end,
-  }
-end
-
---- `n` bytes that do not compress (Park-Miller sequence: exact in doubles,
--- so every Lua flavour makes the same bytes).
-local function noise(n, seed)
-  local bytes, x = {}, seed or 1
-  for i = 1, n do
-    x = (x * 16807) % 2147483647
-    bytes[i] = string.char(math.floor(x / 128) % 256)
-  end
-  return table.concat(bytes)
-end
+local files = require("support.files")
+local buffer = require("support.output").buffer
+local noise = require("support.bytes").noise
+local tempdir, read, write = files.tempdir, files.read, files.write
 
 describe("whisker sync with assets", function()
-  local server, root
+  local server = reference_server.each_test()
+  local root
 
   before_each(function()
-    local err
-    server, err = reference_server.start()
-    assert(server, err)
     root = tempdir()
   end)
 
   after_each(function()
-    if server then
-      server:stop()
-    end
-    os.execute(("rm -rf %q"):format(root))
+    files.remove_tree(root)
   end)
 
   --- A device folder with its own command instance and captured output.

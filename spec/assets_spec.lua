@@ -6,56 +6,20 @@
 local HTTPTransport = require("whisker.storage.sync.transports.http")
 local native = require("whisker.storage.sync.native")
 local reference_server = require("support.reference_server")
-
-local function tempdir()
-  local name = os.tmpname()
-  os.remove(name)
-  assert(os.execute(("mkdir -p %q"):format(name)))
-  return name
-end
-
-local function write(path, data)
-  local file = assert(io.open(path, "wb"))
-  file:write(data)
-  file:close()
-end
-
-local function read(path)
-  local file = io.open(path, "rb")
-  if not file then
-    return nil
-  end
-  local data = file:read("*a")
-  file:close()
-  return data
-end
-
---- `n` bytes that do not compress (Park-Miller sequence: exact in doubles,
--- so every Lua flavour makes the same bytes).
-local function noise(n, seed)
-  local bytes, x = {}, seed or 1
-  for i = 1, n do
-    x = (x * 16807) % 2147483647
-    bytes[i] = string.char(math.floor(x / 128) % 256)
-  end
-  return table.concat(bytes)
-end
+local files = require("support.files")
+local noise = require("support.bytes").noise
+local tempdir, read, write = files.tempdir, files.read, files.write
 
 describe("assets through the HTTP transport", function()
-  local server, dir
+  local server = reference_server.each_test()
+  local dir
 
   before_each(function()
-    local err
-    server, err = reference_server.start()
-    assert(server, err)
     dir = tempdir()
   end)
 
   after_each(function()
-    if server then
-      server:stop()
-    end
-    os.execute(("rm -rf %q"):format(dir))
+    files.remove_tree(dir)
   end)
 
   local function transport(extra)

@@ -5,52 +5,15 @@
 
 local FileStore = require("whisker.sync.file_store")
 local json = require("whisker.storage.sync.native").json
-
-local function tempdir()
-  local name = os.tmpname()
-  os.remove(name)
-  os.execute("mkdir -p '" .. name .. "'")
-  return name
-end
-
-local function read(path)
-  local file = io.open(path, "rb")
-  if not file then
-    return nil
-  end
-  local text = file:read("*a")
-  file:close()
-  return text
-end
-
-local function write(path, text)
-  local file = assert(io.open(path, "wb"))
-  file:write(text)
-  file:close()
-end
+local files = require("support.files")
+local buffer = require("support.output").buffer
+local tempdir, read, write = files.tempdir, files.read, files.write
 
 local function mode_of(path)
   local pipe = io.popen("stat -c %a '" .. path .. "' 2>/dev/null || stat -f %Lp '" .. path .. "'")
   local mode = pipe:read("*l")
   pipe:close()
   return mode
-end
-
---- A stream that remembers what was written.
-local function buffer()
-  local chunks = {}
-  return {
-    write = function(self, ...)
-      for i = 1, select("#", ...) do
-        chunks[#chunks + 1] = tostring((select(i, ...)))
-      end
-      return self
-    end,
-    flush = function() end,
-    text = function()
-      return table.concat(chunks)
-    end,
-  }
 end
 
 --- A server double: remote operations to hand out, pushes recorded.
@@ -138,7 +101,7 @@ describe("whisker sync", function()
   end)
 
   after_each(function()
-    os.execute("rm -rf '" .. dir .. "'")
+    files.remove_tree(dir)
   end)
 
   describe("arguments", function()

@@ -401,19 +401,7 @@ describe("sync engine", function()
 end)
 
 describe("syncing through the reference server", function()
-  local server
-
-  before_each(function()
-    local err
-    server, err = reference_server.start()
-    assert(server, err)
-  end)
-
-  after_each(function()
-    if server then
-      server:stop()
-    end
-  end)
+  local server = reference_server.each_test()
 
   local function device(name, strategy)
     local storage = story_service()

@@ -13,35 +13,7 @@ local HTTPTransport = require("whisker.storage.sync.transports.http")
 local WebSocketTransport = require("whisker.storage.sync.transports.websocket")
 local StateManager = require("whisker.storage.sync.state_manager")
 local reference_server = require("support.reference_server")
-
---- A storage with whisker-core StorageService's method names and a backend.
-local function story_service()
-  local service = { stories = {}, backend_data = {} }
-  function service:list_stories()
-    local out = {}
-    for id in pairs(self.stories) do
-      out[#out + 1] = { id = id }
-    end
-    return out
-  end
-  function service:load_story(id)
-    return self.stories[id]
-  end
-  function service:save_story(id, data)
-    self.stories[id] = data
-    return true
-  end
-  function service:delete_story(id)
-    self.stories[id] = nil
-    return true
-  end
-  service.backend = {
-    load = function(_, key) return service.backend_data[key] end,
-    save = function(_, key, data) service.backend_data[key] = data; return true end,
-    delete = function(_, key) service.backend_data[key] = nil; return true end,
-  }
-  return service
-end
+local story_service = require("support.story_service").new
 
 --- Titles by story id.
 local function titles(storage)
@@ -82,26 +54,23 @@ local function assert_lua_state_works()
 end
 
 describe("faults at the Lua edge", function()
-  local server
   local devices
 
   before_each(function()
-    local err
-    server, err = reference_server.start()
-    assert(server, err)
     devices = {}
   end)
 
+  -- Registered before the server's hooks, so transports disconnect while it
+  -- still runs.
   after_each(function()
     for _, d in ipairs(devices) do
       if d.transport.disconnect then
         d.transport:disconnect()
       end
     end
-    if server then
-      server:stop()
-    end
   end)
+
+  local server = reference_server.each_test()
 
   local function device(name, kind)
     local storage = story_service()

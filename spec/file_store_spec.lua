@@ -3,29 +3,8 @@
 
 local FileStore = require("whisker.sync.file_store")
 local json = require("whisker.storage.sync.native").json
-
-local function tempdir()
-  local name = os.tmpname()
-  os.remove(name)
-  os.execute("mkdir -p '" .. name .. "'")
-  return name
-end
-
-local function read(path)
-  local file = io.open(path, "rb")
-  if not file then
-    return nil
-  end
-  local text = file:read("*a")
-  file:close()
-  return text
-end
-
-local function write(path, text)
-  local file = assert(io.open(path, "wb"))
-  file:write(text)
-  file:close()
-end
+local files = require("support.files")
+local tempdir, read, write = files.tempdir, files.read, files.write
 
 local function listing(dir)
   local pipe = io.popen("ls -A '" .. dir .. "'")
@@ -49,7 +28,7 @@ describe("whisker.sync.file_store", function()
   end)
 
   after_each(function()
-    os.execute("rm -rf '" .. dir .. "'")
+    files.remove_tree(dir)
   end)
 
   it("creates whisker-core's filesystem layout", function()

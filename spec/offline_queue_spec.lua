@@ -8,39 +8,7 @@ local SyncEngine = require("whisker.storage.sync.engine")
 local HTTPTransport = require("whisker.storage.sync.transports.http")
 local StateManager = require("whisker.storage.sync.state_manager")
 local reference_server = require("support.reference_server")
-
---- A storage with whisker-core StorageService's method names and a backend.
-local function story_service()
-  local service = { stories = {}, backend_data = {}, saves = 0 }
-  function service:list_stories()
-    local out = {}
-    for id in pairs(self.stories) do
-      out[#out + 1] = { id = id }
-    end
-    return out
-  end
-  function service:load_story(id)
-    return self.stories[id]
-  end
-  function service:save_story(id, data)
-    self.stories[id] = data
-    return true
-  end
-  function service:delete_story(id)
-    self.stories[id] = nil
-    return true
-  end
-  service.backend = {
-    load = function(_, key) return service.backend_data[key] end,
-    save = function(_, key, data)
-      service.saves = service.saves + 1
-      service.backend_data[key] = data
-      return true
-    end,
-    delete = function(_, key) service.backend_data[key] = nil; return true end,
-  }
-  return service
-end
+local story_service = require("support.story_service").new
 
 local function story(id, day)
   return { title = id .. " (day " .. day .. ")",
@@ -48,19 +16,7 @@ local function story(id, day)
 end
 
 describe("a device offline for weeks", function()
-  local server
-
-  before_each(function()
-    local err
-    server, err = reference_server.start()
-    assert(server, err)
-  end)
-
-  after_each(function()
-    if server then
-      server:stop()
-    end
-  end)
+  local server = reference_server.each_test()
 
   local function device(name)
     local storage = story_service()

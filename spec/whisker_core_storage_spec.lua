@@ -15,7 +15,8 @@ describe("whisker-core's StorageService through the engine", function()
   local SyncEngine = require("whisker.storage.sync.engine")
   local HTTPTransport = require("whisker.storage.sync.transports.http")
   local StateManager = require("whisker.storage.sync.state_manager")
-  local server, dirs
+  local server = reference_server.each_test()
+  local dirs
 
   local function device(name)
     local dir = os.tmpname()
@@ -46,11 +47,9 @@ describe("whisker-core's StorageService through the engine", function()
 
   before_each(function()
     dirs = {}
-    server = assert(reference_server.start())
   end)
 
   after_each(function()
-    server:stop()
     for _, dir in ipairs(dirs) do
       os.execute(("rm -rf %q"):format(dir))
     end

@@ -71,4 +71,30 @@ function M.start()
   return server
 end
 
+--- A server for every test of the enclosing `describe` block: started before
+-- each test and stopped (files removed) after it. Returns one table that
+-- holds the running test's server all along, so the block's helpers can
+-- keep it as an upvalue. Call it inside `describe`; its hooks run in the
+-- order of registration with the block's own.
+function M.each_test()
+  -- The spec's busted globals are not this module's; take them from busted.
+  local busted = require("busted")
+  local current = {}
+  busted.before_each(function()
+    for key, value in pairs(assert(M.start())) do
+      current[key] = value
+    end
+  end)
+  busted.after_each(function()
+    -- Nothing to stop when the start failed.
+    if current.stop then
+      current:stop()
+    end
+    for key in pairs(current) do
+      current[key] = nil
+    end
+  end)
+  return current
+end
+
 return M
