@@ -30,8 +30,7 @@ use std::time::Duration;
 use support::reliability::{env_count, figure};
 use support::{runtime, Server, KEY};
 use sync_core::engine::{
-    Conflict, Decision, Engine, EngineConfig, Host, HostError, HttpLink, Outcome, Progress,
-    Storage, StoryEntry,
+    Engine, EngineConfig, HostError, HttpLink, QuietHost, Storage, StoryEntry,
 };
 use sync_core::protocol::ConflictStrategy;
 use sync_core::state::{StateManager, StateStore, StoreError};
@@ -128,16 +127,6 @@ impl Storage for FileStories {
     }
 }
 
-struct Quiet;
-
-impl Host for Quiet {
-    fn progress(&mut self, _: Progress) {}
-    fn resolve(&mut self, _: &Conflict) -> Result<Option<Decision>, HostError> {
-        Ok(None)
-    }
-    fn conflict_settled(&mut self, _: &Conflict, _: &Outcome, _: bool) {}
-}
-
 /// A device's directories under `root`.
 fn device_dirs(root: &Path) -> (PathBuf, PathBuf) {
     let (stories, state) = (root.join("stories"), root.join("state"));
@@ -169,7 +158,7 @@ fn sync_device(root: &Path, device: &str, url: &str) -> Result<(), String> {
             &mut FileStories(stories),
             Some(&mut link),
             &mut state,
-            &mut Quiet,
+            &mut QuietHost,
         )
         .map(|_| ())
         .map_err(|e| e.to_string())

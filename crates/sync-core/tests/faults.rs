@@ -29,8 +29,8 @@ use support::proxy::{Direction, Fault, Proxy, Route};
 use support::reliability::figure;
 use support::{runtime, Server, KEY};
 use sync_core::engine::{
-    with_content, Conflict, ContentSource, Decision, Engine, EngineConfig, FetchPage, Host,
-    HostError, HttpLink, MemoryStorage, MemoryStore, Outcome, Progress, PushReply, Transport,
+    with_content, ContentSource, Engine, EngineConfig, FetchPage, HostError, HttpLink,
+    MemoryStorage, MemoryStore, PushReply, QuietHost, Transport,
 };
 use sync_core::protocol::{ConflictStrategy, Operation};
 use sync_core::state::StateManager;
@@ -43,16 +43,6 @@ use tokio::runtime::{Handle, Runtime};
 const RESPONSE_LIMIT: usize = 1024 * 1024;
 /// Per-attempt timeout of device A (the hang fault waits this long, twice).
 const TIMEOUT: Duration = Duration::from_secs(1);
-
-struct Quiet;
-
-impl Host for Quiet {
-    fn progress(&mut self, _: Progress) {}
-    fn resolve(&mut self, _: &Conflict) -> Result<Option<Decision>, HostError> {
-        Ok(None)
-    }
-    fn conflict_settled(&mut self, _: &Conflict, _: &Outcome, _: bool) {}
-}
 
 /// The engine's transport over the native WebSocket client (as [`HttpLink`]
 /// is over the HTTP client).
@@ -90,17 +80,7 @@ impl Transport for WsLink {
             .runtime
             .block_on(self.client.push_operations(device_id, &operations))
             .map_err(host_error)?;
-        Ok(PushReply {
-            success: answer.success,
-            accepted: answer
-                .accepted()
-                .into_iter()
-                .map(|a| (a.op_id, a.version))
-                .collect(),
-            conflicts: answer.conflicts,
-            bytes_sent: 0,
-            bytes_received: 0,
-        })
+        Ok(PushReply::from_response(answer, 0, 0))
     }
 }
 
@@ -133,7 +113,7 @@ impl Device {
                 &mut self.storage,
                 Some(self.link.as_mut()),
                 &mut self.state,
-                &mut Quiet,
+                &mut QuietHost,
             )
             .map(|_| ())
             .map_err(|e| e.to_string())

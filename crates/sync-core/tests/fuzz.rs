@@ -19,8 +19,8 @@ use support::proxy::{Fault, Proxy, Route};
 use support::reliability::{cases, figure, proptest_config};
 use support::{runtime, Server, KEY};
 use sync_core::engine::{
-    validate_story_id, Conflict, ContentSource, Decision, Engine, EngineConfig, FetchPage, Host,
-    HostError, MemoryStorage, MemoryStore, Outcome, Progress, PushReply, SyncError, Transport,
+    validate_story_id, ContentSource, Engine, EngineConfig, FetchPage, HostError, MemoryStorage,
+    MemoryStore, PushReply, QuietHost, SyncError, Transport,
 };
 use sync_core::protocol::{ConflictStrategy, Operation};
 use sync_core::state::StateManager;
@@ -260,16 +260,6 @@ impl Transport for Scripted {
     }
 }
 
-struct Quiet;
-
-impl Host for Quiet {
-    fn progress(&mut self, _: Progress) {}
-    fn resolve(&mut self, _: &Conflict) -> Result<Option<Decision>, HostError> {
-        Ok(None)
-    }
-    fn conflict_settled(&mut self, _: &Conflict, _: &Outcome, _: bool) {}
-}
-
 #[test]
 fn engine_refuses_bad_remote_operations_without_side_effects() {
     let mut runner = TestRunner::new(proptest_config(256));
@@ -288,11 +278,16 @@ fn engine_refuses_bad_remote_operations_without_side_effects() {
             storage.stories.insert("story".into(), story);
             // Queued while offline, so a failed sync must keep it.
             engine
-                .sync(&mut storage, None, &mut state, &mut Quiet)
+                .sync(&mut storage, None, &mut state, &mut QuietHost)
                 .expect("offline scan");
             let before = (storage.clone(), state.pending_operations());
             let mut transport = Scripted { page: Some(page) };
-            match engine.sync(&mut storage, Some(&mut transport), &mut state, &mut Quiet) {
+            match engine.sync(
+                &mut storage,
+                Some(&mut transport),
+                &mut state,
+                &mut QuietHost,
+            ) {
                 Ok(_) => synced.set(synced.get() + 1),
                 Err(SyncError::InvalidRemote(message)) => {
                     refused.set(refused.get() + 1);

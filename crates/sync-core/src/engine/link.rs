@@ -70,16 +70,10 @@ impl Transport for HttpLink {
             .block_on(self.transport.push_operations(device_id, &operations))
             .map_err(|e| HostError(e.to_string()))?;
         let after = self.transport.traffic();
-        Ok(PushReply {
-            success: answer.success,
-            accepted: answer
-                .accepted()
-                .into_iter()
-                .map(|a| (a.op_id, a.version))
-                .collect(),
-            conflicts: answer.conflicts,
-            bytes_sent: after.sent - before.sent,
-            bytes_received: after.received - before.received,
-        })
+        Ok(PushReply::from_response(
+            answer,
+            after.sent - before.sent,
+            after.received - before.received,
+        ))
     }
 }

@@ -41,7 +41,7 @@ use crate::state::{
     self as state_mod, Baseline, ErrorUpdate, StateError, StateManager, StateStore, SyncRecord,
 };
 use crate::value::{Map, Value};
-use crate::wire::ServerConflict;
+use crate::wire::{PushResponse, ServerConflict};
 
 pub use bases::BaseStore;
 pub use filter::{glob_match, story_tags, StoryFilter};
@@ -122,6 +122,23 @@ pub struct PushReply {
     pub accepted: Vec<(String, u64)>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+}
+
+impl PushReply {
+    /// The reply for a server's answer, with the bytes the push moved.
+    pub fn from_response(answer: PushResponse, bytes_sent: u64, bytes_received: u64) -> Self {
+        PushReply {
+            success: answer.success,
+            accepted: answer
+                .accepted()
+                .into_iter()
+                .map(|a| (a.op_id, a.version))
+                .collect(),
+            conflicts: answer.conflicts,
+            bytes_sent,
+            bytes_received,
+        }
+    }
 }
 
 /// Provides a story's current content, for [`Transport::push`].
@@ -259,6 +276,19 @@ pub trait Host {
     fn resolve(&mut self, conflict: &Conflict) -> Result<Option<Decision>, HostError>;
     /// Called once per conflict, after it was settled.
     fn conflict_settled(&mut self, conflict: &Conflict, outcome: &Outcome, automatic: bool);
+}
+
+/// A host that shows nothing and decides nothing: manual conflicts stay
+/// recorded for later, every other strategy settles its own. For programs
+/// and tests that only want the sync done.
+pub struct QuietHost;
+
+impl Host for QuietHost {
+    fn progress(&mut self, _: Progress) {}
+    fn resolve(&mut self, _: &Conflict) -> Result<Option<Decision>, HostError> {
+        Ok(None)
+    }
+    fn conflict_settled(&mut self, _: &Conflict, _: &Outcome, _: bool) {}
 }
 
 /// What a sync did.

@@ -20,10 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sync_core::engine::{
-    Conflict, Decision, Engine, EngineConfig, Host, HostError, HttpLink, MemoryStorage,
-    MemoryStore, Outcome, Progress,
-};
+use sync_core::engine::{Engine, EngineConfig, HttpLink, MemoryStorage, MemoryStore, QuietHost};
 use sync_core::protocol::ConflictStrategy;
 use sync_core::state::StateManager;
 use sync_core::transport::http::{HttpConfig, HttpTransport};
@@ -38,16 +35,6 @@ const OWN: u64 = 4;
 const SHARED: u64 = 4;
 /// Resident memory the server may use at most during the run.
 const RSS_LIMIT_KIB: u64 = 512 * 1024;
-
-struct Quiet;
-
-impl Host for Quiet {
-    fn progress(&mut self, _: Progress) {}
-    fn resolve(&mut self, _: &Conflict) -> Result<Option<Decision>, HostError> {
-        Ok(None)
-    }
-    fn conflict_settled(&mut self, _: &Conflict, _: &Outcome, _: bool) {}
-}
 
 struct Device {
     name: String,
@@ -96,7 +83,7 @@ impl Device {
                 &mut self.storage,
                 Some(&mut self.link),
                 &mut self.state,
-                &mut Quiet,
+                &mut QuietHost,
             )
             .map_err(|e| format!("{}: {e}", self.name))?;
         self.pushed += report.pushed as u64;

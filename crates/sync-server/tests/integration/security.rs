@@ -8,10 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use sync_core::engine::{
-    Conflict, Decision, Engine, EngineConfig, Host, HostError, HttpLink, MemoryStorage,
-    MemoryStore, Outcome, Progress,
-};
+use sync_core::engine::{Engine, EngineConfig, HttpLink, MemoryStorage, MemoryStore, QuietHost};
 use sync_core::protocol::ConflictStrategy;
 use sync_core::state::StateManager;
 use sync_core::transport::http::{HttpConfig, HttpTransport};
@@ -297,16 +294,6 @@ pub async fn no_keys_in_logs(backend: Backend) -> TestResult {
     Ok(())
 }
 
-struct Quiet;
-
-impl Host for Quiet {
-    fn progress(&mut self, _: Progress) {}
-    fn resolve(&mut self, _: &Conflict) -> Result<Option<Decision>, HostError> {
-        Ok(None)
-    }
-    fn conflict_settled(&mut self, _: &Conflict, _: &Outcome, _: bool) {}
-}
-
 /// A CA and a server certificate it signed, as PEM files in `dir`:
 /// `(ca, chain, key)`.
 fn private_ca(
@@ -415,7 +402,7 @@ pub async fn tls_with_a_private_ca(backend: Backend) -> TestResult {
         for _ in 0..2 {
             for (engine, storage, state, link) in &mut devices {
                 engine
-                    .sync(storage, Some(link), state, &mut Quiet)
+                    .sync(storage, Some(link), state, &mut QuietHost)
                     .map_err(|e| e.to_string())?;
             }
         }
