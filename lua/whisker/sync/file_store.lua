@@ -23,6 +23,8 @@
 -- JSON goes through whisker-sync's native module (no cjson needed).
 -- @module whisker.sync.file_store
 
+local files = require("whisker.sync.files")
+
 local FileStore = {}
 FileStore.__index = FileStore
 
@@ -88,24 +90,7 @@ function FileStore.check_id(id)
   return true
 end
 
-local function read_file(path)
-  local file = io.open(path, "rb")
-  if not file then
-    return nil
-  end
-  local content = file:read("*a")
-  file:close()
-  return content
-end
-
-local function exists(path)
-  local file = io.open(path, "rb")
-  if file then
-    file:close()
-    return true
-  end
-  return false
-end
+local read_file, exists = files.read, files.exists
 
 local temp_counter = 0
 
@@ -134,9 +119,7 @@ local function atomic_write(path, content)
   return true
 end
 
-local function shell_quote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shell_quote = files.shell_quote
 
 local function is_dir(path)
   local ok, lfs = pcall(require, "lfs")

@@ -24,6 +24,8 @@
 
 -- luacheck: ignore 212/self (every command is a method, some need no state)
 
+local files = require("whisker.sync.files")
+
 local SyncCommand = {}
 SyncCommand.__index = SyncCommand
 
@@ -142,9 +144,7 @@ local function int(n)
   return string.format("%d", math.floor(n))
 end
 
-local function shell_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local shell_quote = files.shell_quote
 
 --- Runs a shell command; true when it exits with status 0.
 local function run_ok(command)
@@ -155,24 +155,7 @@ local function run_ok(command)
   return a == true and (code == nil or code == 0)
 end
 
-local function read_file(path)
-  local file = io.open(path, "rb")
-  if not file then
-    return nil
-  end
-  local content = file:read("*a")
-  file:close()
-  return content
-end
-
-local function file_exists(path)
-  local file = io.open(path, "rb")
-  if file then
-    file:close()
-    return true
-  end
-  return false
-end
+local read_file, file_exists = files.read, files.exists
 
 --- The native module, or nil and why not.
 local function native_module()
