@@ -205,7 +205,23 @@ struct LuaStorage {
     signals: Rc<Signals>,
 }
 
+/// The table in `this[key]`, or `None` when the field holds anything else.
+fn table_field(this: &Table, key: &str) -> mlua::Result<Option<Table>> {
+    Ok(match this.get::<LuaValue>(key)? {
+        LuaValue::Table(t) => Some(t),
+        _ => None,
+    })
+}
+
 impl LuaStorage {
+    fn new(lua: &Lua, storage: Option<Table>, handle: &EngineHandle) -> Self {
+        LuaStorage {
+            lua: lua.clone(),
+            storage,
+            signals: Rc::clone(&handle.signals),
+        }
+    }
+
     /// Calls the first of `names` the storage has, as a method.
     fn call(
         &self,
@@ -848,10 +864,7 @@ fn new_engine(lua: &Lua, (this, config): (Table, Table)) -> mlua::Result<MultiVa
         Ok(strategy) => strategy,
         Err(e) => return failure(lua, e.to_string()),
     };
-    let storage = match this.get::<LuaValue>("_storage")? {
-        LuaValue::Table(t) => Some(t),
-        _ => None,
-    };
+    let storage = table_field(&this, "_storage")?;
     let state = match config.get::<LuaValue>("state_manager")? {
         LuaValue::Table(manager) => EngineState::Persistent(state_manager_of(&manager)?),
         _ => match &storage {
@@ -968,23 +981,17 @@ impl EngineHandle {
 
 /// Runs the engine's sync with the instance's current collaborators.
 fn run_sync(lua: &Lua, this: &Table, handle: &EngineHandle) -> Result<SyncReport, SyncError> {
-    let mut storage = LuaStorage {
-        lua: lua.clone(),
-        storage: match this.get::<LuaValue>("_storage") {
-            Ok(LuaValue::Table(t)) => Some(t),
-            _ => None,
-        },
-        signals: Rc::clone(&handle.signals),
-    };
-    let mut transport = match this.get::<LuaValue>("_transport") {
-        Ok(LuaValue::Table(t)) => Some(LuaTransport {
+    // A field whose read raises counts as absent, like a missing one.
+    let mut storage = LuaStorage::new(lua, table_field(this, "_storage").ok().flatten(), handle);
+    let mut transport = table_field(this, "_transport")
+        .ok()
+        .flatten()
+        .map(|t| LuaTransport {
             lua: lua.clone(),
             transport: t,
             storage: storage.storage.clone(),
             connected: false,
-        }),
-        _ => None,
-    };
+        });
     let mut host = LuaHost {
         lua: lua.clone(),
         this: this.clone(),
@@ -1285,14 +1292,7 @@ fn conflict_from_lua(lua: &Lua, table: &Table) -> Result<Conflict, String> {
 /// API by the engine's strategy (or resolver) and writes the result to storage.
 fn resolve_conflicts(lua: &Lua, (this, conflicts): (Table, Table)) -> mlua::Result<MultiValue> {
     let handle = handle_of(&this)?;
-    let mut storage = LuaStorage {
-        lua: lua.clone(),
-        storage: match this.get::<LuaValue>("_storage")? {
-            LuaValue::Table(t) => Some(t),
-            _ => None,
-        },
-        signals: Rc::clone(&handle.signals),
-    };
+    let mut storage = LuaStorage::new(lua, table_field(&this, "_storage")?, &handle);
     let mut host = LuaHost {
         lua: lua.clone(),
         this: this.clone(),
@@ -1358,14 +1358,7 @@ fn resolve_conflict(
         }
     };
     let handle = handle_of(&this)?;
-    let mut storage = LuaStorage {
-        lua: lua.clone(),
-        storage: match this.get::<LuaValue>("_storage")? {
-            LuaValue::Table(t) => Some(t),
-            _ => None,
-        },
-        signals: Rc::clone(&handle.signals),
-    };
+    let mut storage = LuaStorage::new(lua, table_field(&this, "_storage")?, &handle);
     let resolved = handle.with_engine(|engine, state| match state {
         EngineState::Persistent(manager) => {
             let mut manager = manager.try_borrow_mut().map_err(|_| {

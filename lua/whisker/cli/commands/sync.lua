@@ -982,6 +982,27 @@ function SyncCommand:_open_sync(config)
   return { config = config, storage = storage, engine = engine, state = state_mgr, transport = self._transport }
 end
 
+--- What `now` and `start` begin with: the configuration, the refusal while
+-- auto-sync runs on this folder, and everything a sync needs.
+-- @param what what is refused while auto-sync runs ("syncing by hand", …)
+-- @return context (see `_open_sync`), or nil and an exit code after reporting
+function SyncCommand:_begin_sync(what)
+  local config, err = self:load_config()
+  if not config then
+    return nil, self:_fail(err)
+  end
+  local refused = self:_refuse_if_running(what)
+  if refused then
+    return nil, refused
+  end
+  local ctx
+  ctx, err = self:_open_sync(config)
+  if not ctx then
+    return nil, self:_fail(err)
+  end
+  return ctx
+end
+
 --- Wraps an event listener: its failures are reported on stderr, and a
 -- Ctrl-C that lands in it is remembered instead of lost.
 function SyncCommand:_listener(fn)
@@ -1103,18 +1124,9 @@ end
 --- `whisker sync now`: one sync, with a progress bar on a terminal.
 -- @return exit code
 function SyncCommand:cmd_now()
-  local config, err = self:load_config()
-  if not config then
-    return self:_fail(err)
-  end
-  local refused = self:_refuse_if_running("syncing by hand")
-  if refused then
-    return refused
-  end
-  local ctx
-  ctx, err = self:_open_sync(config)
+  local ctx, code = self:_begin_sync("syncing by hand")
   if not ctx then
-    return self:_fail(err)
+    return code
   end
   local engine = ctx.engine
   local tty = self:_is_tty(1)
@@ -1185,19 +1197,11 @@ end
 -- Ctrl+C or `whisker sync stop`.
 -- @return exit code
 function SyncCommand:cmd_start()
-  local config, err = self:load_config()
-  if not config then
-    return self:_fail(err)
-  end
-  local refused = self:_refuse_if_running("starting another one")
-  if refused then
-    return refused
-  end
-  local ctx
-  ctx, err = self:_open_sync(config)
+  local ctx, code = self:_begin_sync("starting another one")
   if not ctx then
-    return self:_fail(err)
+    return code
   end
+  local config = ctx.config
   local pid = current_pid() or 0
   local wrote, write_err = write_private(self:_pid_path(), int(pid) .. "\n")
   if not wrote then
