@@ -138,31 +138,72 @@ fn first(values: MultiValue) -> LuaValue {
     values.into_iter().next().unwrap_or(LuaValue::Nil)
 }
 
-/// An operation as a new Lua table (the fields of its JSON form).
-fn operation_table(lua: &Lua, op: &Operation) -> mlua::Result<Table> {
-    let table = lua.create_table_with_capacity(0, 8 + op.extra.len())?;
+/// An operation as a new Lua table (the fields of its JSON form). `data`, a
+/// Lua value already (the storage's own story table), stands in for `op.data`.
+fn operation_table(lua: &Lua, op: &Operation, data: Option<LuaValue>) -> mlua::Result<Table> {
+    let pushed = raw::with_stack(lua, data, |state| unsafe {
+        push_operation_table(state, op, 1)?;
+        raw::return_top(state);
+        Ok::<(), raw::ConvertErrorKind>(())
+    })?;
+    match pushed.map(|values| values.into_iter().next()) {
+        Ok(Some(LuaValue::Table(table))) => Ok(table),
+        Ok(_) => Err(mlua::Error::runtime("operation table was not built")),
+        Err(kind) => Err(mlua::Error::runtime(kind.to_string())),
+    }
+}
+
+/// Pushes `op` as a table, with the value at `data` (unless nil) as its data.
+/// Built with the raw API: one protected call per operation, not one per field.
+unsafe fn push_operation_table(
+    state: raw::State,
+    op: &Operation,
+    data: std::ffi::c_int,
+) -> Result<(), raw::ConvertErrorKind> {
+    raw::ensure_stack(state, 4)?;
+    ffi::lua_createtable(state, 0, 8 + op.extra.len() as std::ffi::c_int);
+    let table = ffi::lua_gettop(state);
+    // Sets table[name] to the value on top of the stack.
+    let set = |name: &str| {
+        raw::push_str(state, name);
+        ffi::lua_insert(state, -2);
+        ffi::lua_rawset(state, table);
+    };
     for (key, value) in &op.extra {
-        table.raw_set(key.as_str(), to_lua(lua, value)?)?;
+        raw::push_value(state, value)?;
+        set(key);
     }
-    table.raw_set("id", op.id.as_str())?;
-    table.raw_set("type", op.op_type.as_str())?;
-    table.raw_set("story_id", op.story_id.as_str())?;
-    if let Some(data) = &op.data {
-        table.raw_set("data", to_lua(lua, data)?)?;
+    raw::push_str(state, &op.id);
+    set("id");
+    raw::push_str(state, op.op_type.as_str());
+    set("type");
+    raw::push_str(state, &op.story_id);
+    set("story_id");
+    if ffi::lua_type(state, data) != ffi::LUA_TNIL {
+        ffi::lua_pushvalue(state, data);
+        set("data");
+    } else if let Some(value) = &op.data {
+        raw::push_value(state, value)?;
+        set("data");
     }
-    let metadata = lua.create_table()?;
+    ffi::lua_createtable(state, 0, op.metadata.len() as std::ffi::c_int);
     for (key, value) in &op.metadata {
-        metadata.raw_set(key.as_str(), to_lua(lua, value)?)?;
+        raw::push_str(state, key);
+        raw::push_value(state, value)?;
+        ffi::lua_rawset(state, -3);
     }
-    table.raw_set("metadata", metadata)?;
-    table.raw_set("timestamp", integer(op.timestamp))?;
-    table.raw_set("device_id", op.device_id.as_str())?;
+    set("metadata");
+    raw::push_int(state, op.timestamp);
+    set("timestamp");
+    raw::push_str(state, &op.device_id);
+    set("device_id");
     for (key, version) in [("base_version", op.base_version), ("version", op.version)] {
         if let Some(version) = version {
-            table.raw_set(key, integer(i64::try_from(version).unwrap_or(i64::MAX)))?;
+            raw::push_int(state, i64::try_from(version).unwrap_or(i64::MAX));
+            set(key);
         }
     }
-    Ok(table)
+    Ok(())
 }
 
 /// Calls the first of `names` the storage has, as a method; returns its
@@ -537,21 +578,24 @@ impl Transport for LuaTransport {
         let lua_error = |e: mlua::Error| HostError(callback_message(&e));
         let list = self.lua.create_table().map_err(lua_error)?;
         for (i, op) in operations.iter().enumerate() {
-            let table = operation_table(&self.lua, op).map_err(lua_error)?;
-            if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
-                let data = match &self.storage {
-                    Some(storage) => load_story_table(storage, &op.story_id)?.map(LuaValue::Table),
-                    None => match content(&op.story_id)? {
-                        Some(story) => Some(to_lua(&self.lua, &story).map_err(lua_error)?),
-                        None => None,
-                    },
-                };
-                match data {
-                    Some(data) => table.raw_set("data", data).map_err(lua_error)?,
-                    None => table
-                        .raw_set("type", OpType::Delete.as_str())
-                        .map_err(lua_error)?,
+            let needs_content =
+                matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none();
+            let data = match (&self.storage, needs_content) {
+                (_, false) => None,
+                (Some(storage), true) => {
+                    load_story_table(storage, &op.story_id)?.map(LuaValue::Table)
                 }
+                (None, true) => match content(&op.story_id)? {
+                    Some(story) => Some(to_lua(&self.lua, &story).map_err(lua_error)?),
+                    None => None,
+                },
+            };
+            let gone = needs_content && data.is_none();
+            let table = operation_table(&self.lua, op, data).map_err(lua_error)?;
+            if gone {
+                table
+                    .raw_set("type", OpType::Delete.as_str())
+                    .map_err(lua_error)?;
             }
             list.raw_set(i + 1, table).map_err(lua_error)?;
         }
@@ -667,7 +711,7 @@ impl LuaHost {
     }
 
     fn operation(&self, op: &Operation) -> mlua::Result<LuaValue> {
-        operation_table(&self.lua, op).map(LuaValue::Table)
+        operation_table(&self.lua, op, None).map(LuaValue::Table)
     }
 
     /// The conflict as the old API showed it to resolvers and listeners.

@@ -9,7 +9,6 @@
 //! Failures a caller can cause come back as `nil, message`; the Lua module
 //! raises them (see `lua/whisker/storage/sync/protocol.lua`).
 
-use std::collections::BTreeMap;
 use std::ffi::c_int;
 
 use mlua::ffi;
@@ -486,26 +485,19 @@ fn resolve_conflict(
     )
 }
 
-/// Collects the string keys of the state map at `idx` (story id → story).
-unsafe fn state_keys<'a>(
+/// The story id key at `idx` of the state map called `name`.
+unsafe fn story_id_key<'a>(
     state: State,
     idx: c_int,
     name: &str,
-) -> Result<BTreeMap<&'a [u8], &'a [u8]>, ProtocolCallError> {
-    let mut ids = BTreeMap::new();
-    ffi::lua_pushnil(state);
-    while ffi::lua_next(state, idx) != 0 {
-        let Some(id) = raw::string_at(state, -2) else {
-            return Err(ProtocolCallError::Invalid(format!(
-                "{name} keys must be story id strings, got a {}",
-                raw::type_name(state, -2)
-            )));
-        };
-        // The key stays referenced by the state table the caller passed in.
-        ids.insert(id, id);
-        ffi::lua_settop(state, -2);
-    }
-    Ok(ids)
+) -> Result<&'a [u8], ProtocolCallError> {
+    // The key stays referenced by the state table the caller passed in.
+    raw::string_at(state, idx).ok_or_else(|| {
+        ProtocolCallError::Invalid(format!(
+            "{name} keys must be story id strings, got a {}",
+            raw::type_name(state, idx)
+        ))
+    })
 }
 
 /// `generate_delta(old_state, new_state)`: operations in story-id order.
@@ -516,29 +508,36 @@ fn generate_delta(lua: &Lua, (old, new): (LuaValue, LuaValue)) -> mlua::Result<M
             expect_table(state, 1, "generate_delta")?;
             expect_table(state, 2, "generate_delta")?;
             let keys = FieldKeys::push(state, FIELDS)?;
-            let old_ids = state_keys(state, 1, "old_state")?;
-            let new_ids = state_keys(state, 2, "new_state")?;
             let base = ffi::lua_gettop(state);
-            let mut failure = None;
-            let changes = protocol::diff_states(&old_ids, &new_ids, |id, _| {
-                raw::push_bytes(state, id);
-                ffi::lua_pushvalue(state, -1);
-                ffi::lua_rawget(state, 1);
-                ffi::lua_insert(state, -2);
-                ffi::lua_rawget(state, 2);
-                let same = raw::deep_equal(state, -2, -1);
-                ffi::lua_settop(state, base);
-                same.unwrap_or_else(|kind| {
-                    failure.get_or_insert(ProtocolCallError::Convert {
+            let (key, new_story, old_story) = (base + 1, base + 2, base + 3);
+            // Walking the tables themselves keeps ids as Lua strings: no copies, no re-interning.
+            let mut changes = Vec::new();
+            ffi::lua_pushnil(state);
+            while ffi::lua_next(state, 2) != 0 {
+                let id = story_id_key(state, key, "new_state")?;
+                ffi::lua_pushvalue(state, key);
+                if ffi::lua_rawget(state, 1) == ffi::LUA_TNIL {
+                    changes.push((id, OpType::Create));
+                } else if !raw::deep_equal(state, old_story, new_story).map_err(|kind| {
+                    ProtocolCallError::Convert {
                         what: format!("comparing story \"{}\"", String::from_utf8_lossy(id)),
                         source: ConvertError::new(kind),
-                    });
-                    true
-                })
-            });
-            if let Some(e) = failure {
-                return Err(e);
+                    }
+                })? {
+                    changes.push((id, OpType::Update));
+                }
+                ffi::lua_settop(state, key);
             }
+            ffi::lua_pushnil(state);
+            while ffi::lua_next(state, 1) != 0 {
+                let id = story_id_key(state, key, "old_state")?;
+                ffi::lua_pushvalue(state, key);
+                if ffi::lua_rawget(state, 2) == ffi::LUA_TNIL {
+                    changes.push((id, OpType::Delete));
+                }
+                ffi::lua_settop(state, key);
+            }
+            changes.sort_unstable_by_key(|&(id, _)| id);
             for kind in [OpType::Create, OpType::Update, OpType::Delete] {
                 raw::push_str(state, kind.as_str());
             }
@@ -549,12 +548,7 @@ fn generate_delta(lua: &Lua, (old, new): (LuaValue, LuaValue)) -> mlua::Result<M
             };
             ffi::lua_createtable(state, changes.len() as c_int, 0);
             let out = ffi::lua_gettop(state);
-            for (n, change) in changes.iter().enumerate() {
-                let (kind, id) = match change {
-                    protocol::Change::Created(id) => (OpType::Create, id),
-                    protocol::Change::Updated(id) => (OpType::Update, id),
-                    protocol::Change::Deleted(id) => (OpType::Delete, id),
-                };
+            for (n, &(id, kind)) in changes.iter().enumerate() {
                 raw::push_bytes(state, id);
                 let story_id = ffi::lua_gettop(state);
                 let data = if kind == OpType::Delete {

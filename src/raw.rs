@@ -367,44 +367,48 @@ pub(crate) unsafe fn deep_equal(
     a: c_int,
     b: c_int,
 ) -> Result<bool, ConvertErrorKind> {
+    // Each nesting level holds three stack slots: reserve them all at once.
+    ensure_stack(state, 3 * MAX_DEPTH + 3)?;
     equal_at(
         state,
         ffi::lua_absindex(state, a),
         ffi::lua_absindex(state, b),
-        0,
+        MAX_DEPTH,
     )
+    .ok_or(ConvertErrorKind::TooDeep)
 }
 
-unsafe fn equal_at(
-    state: State,
-    a: c_int,
-    b: c_int,
-    depth: usize,
-) -> Result<bool, ConvertErrorKind> {
+/// `None` when tables nest more than `levels_left` deep.
+unsafe fn equal_at(state: State, a: c_int, b: c_int, levels_left: usize) -> Option<bool> {
     // Raw equality settles most values in one call: the same table, equal
     // strings, and numbers (Lua compares 1 and 1.0 as equal).
     if ffi::lua_rawequal(state, a, b) != 0 {
-        return Ok(true);
+        return Some(true);
     }
-    match (ffi::lua_type(state, a), ffi::lua_type(state, b)) {
-        (ffi::LUA_TTABLE, ffi::LUA_TTABLE) => tables_equal(state, a, b, depth),
-        (ffi::LUA_TNUMBER, ffi::LUA_TNUMBER) => {
-            Ok(ffi::lua_tonumber(state, a).is_nan() && ffi::lua_tonumber(state, b).is_nan())
-        }
-        _ => Ok(false),
-    }
+    unequal_raw_values_equal(state, a, b, ffi::lua_type(state, b), levels_left)
 }
 
-unsafe fn tables_equal(
+/// Equality of two values that are not raw-equal, the type of `b` given:
+/// tables by contents, NaN equal to NaN, anything else is different.
+unsafe fn unequal_raw_values_equal(
     state: State,
     a: c_int,
     b: c_int,
-    depth: usize,
-) -> Result<bool, ConvertErrorKind> {
-    if depth >= MAX_DEPTH {
-        return Err(ConvertErrorKind::TooDeep);
+    type_b: c_int,
+    levels_left: usize,
+) -> Option<bool> {
+    match (ffi::lua_type(state, a), type_b) {
+        (ffi::LUA_TTABLE, ffi::LUA_TTABLE) if levels_left == 0 => None,
+        (ffi::LUA_TTABLE, ffi::LUA_TTABLE) => tables_equal(state, a, b, levels_left - 1),
+        (ffi::LUA_TNUMBER, ffi::LUA_TNUMBER) => {
+            Some(ffi::lua_tonumber(state, a).is_nan() && ffi::lua_tonumber(state, b).is_nan())
+        }
+        _ => Some(false),
     }
-    ensure_stack(state, 4)?;
+}
+
+/// Looks each key of `a` up in `b`, then counts `b`.
+unsafe fn tables_equal(state: State, a: c_int, b: c_int, levels_left: usize) -> Option<bool> {
     let base = ffi::lua_gettop(state);
     let (key, value_a, value_b) = (base + 1, base + 2, base + 3);
     let mut count_a = 0usize;
@@ -412,21 +416,20 @@ unsafe fn tables_equal(
     while ffi::lua_next(state, a) != 0 {
         count_a += 1;
         ffi::lua_pushvalue(state, key);
-        ffi::lua_rawget(state, b);
-        let same = equal_at(state, value_a, value_b, depth + 1);
-        if !matches!(same, Ok(true)) {
-            ffi::lua_settop(state, base);
-            return same;
+        let type_b = ffi::lua_rawget(state, b);
+        // Most entries are equal strings and numbers: settle them without a call.
+        if ffi::lua_rawequal(state, value_a, value_b) == 0 {
+            match unequal_raw_values_equal(state, value_a, value_b, type_b, levels_left) {
+                Some(true) => {}
+                other => {
+                    ffi::lua_settop(state, base);
+                    return other;
+                }
+            }
         }
         ffi::lua_settop(state, key);
     }
-    let mut count_b = 0usize;
-    ffi::lua_pushnil(state);
-    while ffi::lua_next(state, b) != 0 {
-        count_b += 1;
-        ffi::lua_settop(state, key);
-    }
-    Ok(count_a == count_b)
+    Some(count_a == entry_count(state, b))
 }
 
 /// Copies the entries of the table at `src` into the table at `dst` (raw, shallow).

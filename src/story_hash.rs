@@ -10,6 +10,7 @@
 //! once stringified, cycles, invalid UTF-8, functions) is left to the
 //! document path, which hashes it or reports what is wrong with it.
 
+use std::borrow::Cow;
 use std::ffi::{c_int, c_void};
 use std::io::Write;
 
@@ -87,21 +88,42 @@ unsafe fn write_value(
             },
             _ => return Err(NotInPlace),
         },
-        ffi::LUA_TSTRING => {
-            let text = std::str::from_utf8(raw::bytes(state, idx)).map_err(|_| NotInPlace)?;
-            serde_json::to_writer(&mut *out, text)?;
-        }
+        ffi::LUA_TSTRING => write_string(out, raw::bytes(state, idx))?,
         ffi::LUA_TTABLE => write_table(state, idx, out, skip, path)?,
         _ => return Err(NotInPlace),
     }
     Ok(())
 }
 
-/// How an object member's key is found again in its table.
-enum Key {
-    Text,
-    Int(i64),
-    Float(f64),
+/// Writes `bytes` as a JSON string, escaped exactly as serde_json does.
+fn write_string(out: &mut ContentHasher, bytes: &[u8]) -> Result<(), NotInPlace> {
+    let text = std::str::from_utf8(bytes).map_err(|_| NotInPlace)?;
+    // Most text needs no escaping, and then serde_json writes it verbatim.
+    // A fold without early exit, so that the check runs on whole vectors.
+    let plain = !bytes.iter().fold(false, |seen, &b| {
+        seen | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
+        out.write_all(b"\"")?;
+        out.write_all(bytes)?;
+        out.write_all(b"\"")?;
+    } else {
+        serde_json::to_writer(&mut *out, text)?;
+    }
+    Ok(())
+}
+
+/// Where an object member's value is: left on the stack by the walk, or at
+/// an index of the table's array part.
+enum Place {
+    Slot(c_int),
+    Index(usize),
+}
+
+/// An object member: its key as JSON text, and where its value is.
+struct Member<'a> {
+    name: Cow<'a, [u8]>,
+    place: Place,
 }
 
 unsafe fn write_table(
@@ -115,52 +137,56 @@ unsafe fn write_table(
     if path.contains(&identity) || path.len() >= MAX_DEPTH {
         return Err(NotInPlace);
     }
+    let base = ffi::lua_gettop(state);
+    path.push(identity);
+    let written = collect_members(state, idx).and_then(|(len, members)| match members {
+        None => write_array(state, idx, len, out, path),
+        Some(members) => write_object(state, idx, len, members, out, skip, path),
+    });
+    path.pop();
+    ffi::lua_settop(state, base);
+    written
+}
+
+/// Walks the table at `idx`: its border, and its members unless it is an
+/// array (`None`). Member values stay on the stack above the keys that keep
+/// their names alive, so writing them needs no second lookup.
+unsafe fn collect_members<'a>(
+    state: State,
+    idx: c_int,
+) -> Result<(usize, Option<Vec<Member<'a>>>), NotInPlace> {
     raw::ensure_stack(state, 4).map_err(|_| NotInPlace)?;
     let len = ffi::lua_rawlen(state, idx);
     let mut indexed = 0usize;
-    let mut members: Vec<(String, Key)> = Vec::new();
+    let mut members = Vec::new();
     ffi::lua_pushnil(state);
     while ffi::lua_next(state, idx) != 0 {
         let key = ffi::lua_gettop(state) - 1;
-        let member = match ffi::lua_type(state, key) {
+        let name = match ffi::lua_type(state, key) {
             ffi::LUA_TNUMBER => match raw::number_at(state, key) {
                 Value::Int(i) if i >= 1 && (i as u64) <= len as u64 => {
                     indexed += 1;
-                    None
+                    ffi::lua_settop(state, key);
+                    continue;
                 }
-                Value::Int(i) => Some((i.to_string(), Key::Int(i))),
-                Value::Float(f) => Some((f.to_string(), Key::Float(f))),
-                _ => None,
+                Value::Int(i) => Cow::Owned(i.to_string().into_bytes()),
+                Value::Float(f) => Cow::Owned(f.to_string().into_bytes()),
+                _ => return Err(NotInPlace),
             },
-            ffi::LUA_TSTRING => match std::str::from_utf8(raw::bytes(state, key)) {
-                Ok(text) => Some((text.to_owned(), Key::Text)),
-                Err(_) => {
-                    ffi::lua_settop(state, key - 1);
-                    return Err(NotInPlace);
-                }
-            },
-            _ => {
-                ffi::lua_settop(state, key - 1);
-                return Err(NotInPlace);
-            }
+            ffi::LUA_TSTRING => Cow::Borrowed(raw::bytes(state, key)),
+            _ => return Err(NotInPlace),
         };
-        members.extend(member);
-        ffi::lua_settop(state, key);
+        members.push(Member {
+            name,
+            place: Place::Slot(key + 1),
+        });
+        raw::ensure_stack(state, 3).map_err(|_| NotInPlace)?;
+        ffi::lua_pushvalue(state, key);
     }
-    path.push(identity);
-    let written = if len > 0 && indexed == len && members.is_empty() {
-        write_array(state, idx, len, out, path)
-    } else {
-        for i in 1..=len {
-            if ffi::lua_rawgeti(state, idx, i as _) != ffi::LUA_TNIL {
-                members.push((i.to_string(), Key::Int(i as i64)));
-            }
-            ffi::lua_settop(state, -2);
-        }
-        write_object(state, idx, members, out, skip, path)
-    };
-    path.pop();
-    written
+    if len > 0 && indexed == len && members.is_empty() {
+        return Ok((len, None));
+    }
+    Ok((len, Some(members)))
 }
 
 unsafe fn write_array(
@@ -187,44 +213,47 @@ unsafe fn write_array(
 unsafe fn write_object(
     state: State,
     idx: c_int,
-    mut members: Vec<(String, Key)>,
+    len: usize,
+    mut members: Vec<Member<'_>>,
     out: &mut ContentHasher,
     skip: Option<&[u8]>,
     path: &mut Vec<*const c_void>,
 ) -> Result<(), NotInPlace> {
-    members.sort_by(|a, b| a.0.cmp(&b.0));
+    for i in 1..=len {
+        if ffi::lua_rawgeti(state, idx, i as _) != ffi::LUA_TNIL {
+            members.push(Member {
+                name: Cow::Owned(i.to_string().into_bytes()),
+                place: Place::Index(i),
+            });
+        }
+        ffi::lua_settop(state, -2);
+    }
+    members.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     // Two keys with one text (1 and "1") would be one member of the document.
-    if members.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+    if members.windows(2).any(|pair| pair[0].name == pair[1].name) {
         return Err(NotInPlace);
     }
     out.write_all(b"{")?;
     let mut first = true;
-    for (name, key) in &members {
-        if skip == Some(name.as_bytes()) {
+    for member in &members {
+        if skip == Some(&*member.name) {
             continue;
         }
         if !first {
             out.write_all(b",")?;
         }
         first = false;
-        serde_json::to_writer(&mut *out, name.as_str())?;
+        write_string(out, &member.name)?;
         out.write_all(b":")?;
-        match key {
-            Key::Text => {
-                raw::push_str(state, name);
-                ffi::lua_rawget(state, idx);
-            }
-            Key::Int(i) => {
-                ffi::lua_rawgeti(state, idx, *i as _);
-            }
-            Key::Float(f) => {
-                ffi::lua_pushnumber(state, *f);
-                ffi::lua_rawget(state, idx);
+        match member.place {
+            Place::Slot(slot) => write_value(state, slot, out, None, path)?,
+            Place::Index(i) => {
+                ffi::lua_rawgeti(state, idx, i as _);
+                let item = write_value(state, ffi::lua_gettop(state), out, None, path);
+                ffi::lua_settop(state, -2);
+                item?;
             }
         }
-        let member = write_value(state, ffi::lua_gettop(state), out, None, path);
-        ffi::lua_settop(state, -2);
-        member?;
     }
     out.write_all(b"}")?;
     Ok(())

@@ -345,8 +345,14 @@ pub struct Engine {
 /// it, as 32 hex digits. Public so that callers holding stories in another
 /// form (Lua tables) can hash them without converting them first. The text
 /// is collected and hashed in one pass: JSON arrives in many small pieces.
-#[derive(Default)]
 pub struct ContentHasher(Vec<u8>);
+
+impl Default for ContentHasher {
+    fn default() -> Self {
+        // Room for a typical story's JSON, so writing it rarely reallocates.
+        ContentHasher(Vec::with_capacity(4096))
+    }
+}
 
 impl ContentHasher {
     pub fn new() -> Self {
@@ -354,17 +360,30 @@ impl ContentHasher {
     }
 
     pub fn finish(self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         Sha256::digest(&self.0)[..16]
             .iter()
-            .map(|b| format!("{b:02x}"))
+            .flat_map(|b| {
+                [
+                    HEX[usize::from(b >> 4)] as char,
+                    HEX[usize::from(b & 15)] as char,
+                ]
+            })
             .collect()
     }
 }
 
 impl std::io::Write for ContentHasher {
+    #[inline]
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         self.0.extend_from_slice(bytes);
         Ok(bytes.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
