@@ -14,18 +14,18 @@
 //! mocks). A `nil` return from a save or delete is success.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mlua::{ffi, AnyUserData, Function, Lua, MultiValue, Table, UserData, Value as LuaValue};
 use sync_core::engine::{
     content_hash, write_outcome, Conflict, ContentSource, Decision, Engine, EngineConfig,
-    FetchPage, Host, HostError, MemoryStore, Outcome, Progress, PushReply, Storage, StoryEntry,
-    StoryFilter, SyncError, SyncReport, Transport,
+    FetchPage, Host, HostError, Outcome, Progress, PushReply, Storage, StoryEntry, StoryFilter,
+    SyncError, SyncReport, Transport,
 };
 use sync_core::protocol::{now_seconds, ConflictStrategy, ConflictType, OpType, Operation};
-use sync_core::state::{status, StateManager};
+use sync_core::state::{status, StateManager, TransientStore};
 use sync_core::value::Value;
 use sync_core::wire::ServerConflict;
 
@@ -40,7 +40,7 @@ enum EngineState {
     /// one the engine opened on the storage's backend.
     Persistent(Rc<RefCell<LuaStateManager>>),
     /// No backend to persist into (the old engine spec's mock storage).
-    Memory(Box<StateManager<MemoryStore>>),
+    Memory(Box<StateManager<TransientStore>>),
 }
 
 /// Flags storage and transport event listeners set for the engine; they may
@@ -239,11 +239,17 @@ fn load_story_table(storage: &Table, id: &str) -> Result<Option<Table>, HostErro
     }
 }
 
+/// Stories hashed during one sync, by id: the very table hashed, so that
+/// pushing the story sends the content its queued hash was taken from,
+/// without loading it again.
+type HashedStories = Rc<RefCell<HashMap<String, Table>>>;
+
 /// The storage handed to the engine, as the engine's [`Storage`].
 struct LuaStorage {
     lua: Lua,
     storage: Option<Table>,
     signals: Rc<Signals>,
+    hashed: HashedStories,
 }
 
 /// The table in `this[key]`, or `None` when the field holds anything else.
@@ -260,6 +266,7 @@ impl LuaStorage {
             lua: lua.clone(),
             storage,
             signals: Rc::clone(&handle.signals),
+            hashed: HashedStories::default(),
         }
     }
 
@@ -389,14 +396,17 @@ impl Storage for LuaStorage {
             return Ok(None);
         };
         let mut hash = None;
-        let hashed = raw::with_stack(&self.lua, story, |state| unsafe {
+        let hashed = raw::with_stack(&self.lua, &story, |state| unsafe {
             hash = Some(story_hash::story_hash(state, 1)?);
             ffi::lua_settop(state, 0);
             Ok::<(), story_hash::NotInPlace>(())
         })
         .map_err(|e| HostError(callback_message(&e)))?;
         match (hashed, hash) {
-            (Ok(_), Some(hash)) => Ok(Some(hash)),
+            (Ok(_), Some(hash)) => {
+                self.hashed.borrow_mut().insert(id.to_owned(), story);
+                Ok(Some(hash))
+            }
             // Unusual content: convert it, which hashes it or says what is wrong.
             _ => Ok(self.load(id)?.map(|story| content_hash(Some(&story)))),
         }
@@ -435,6 +445,8 @@ struct LuaTransport {
     transport: Table,
     /// The engine's storage: pushed stories are its own tables, not copies.
     storage: Option<Table>,
+    /// Tables the storage side hashed this sync (see [`HashedStories`]).
+    hashed: HashedStories,
     connected: bool,
 }
 
@@ -582,9 +594,10 @@ impl Transport for LuaTransport {
                 matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none();
             let data = match (&self.storage, needs_content) {
                 (_, false) => None,
-                (Some(storage), true) => {
-                    load_story_table(storage, &op.story_id)?.map(LuaValue::Table)
-                }
+                (Some(storage), true) => match self.hashed.borrow_mut().remove(&op.story_id) {
+                    Some(table) => Some(LuaValue::Table(table)),
+                    None => load_story_table(storage, &op.story_id)?.map(LuaValue::Table),
+                },
                 (None, true) => match content(&op.story_id)? {
                     Some(story) => Some(to_lua(&self.lua, &story).map_err(lua_error)?),
                     None => None,
@@ -918,7 +931,7 @@ fn new_engine(lua: &Lua, (this, config): (Table, Table)) -> mlua::Result<MultiVa
                     Err(e) => return failure(lua, format!("cannot open sync state: {e}")),
                 }
             }
-            _ => match StateManager::open(MemoryStore::default()) {
+            _ => match StateManager::open(TransientStore) {
                 Ok(manager) => EngineState::Memory(Box::new(manager)),
                 Err(e) => return failure(lua, format!("cannot open sync state: {e}")),
             },
@@ -1034,6 +1047,7 @@ fn run_sync(lua: &Lua, this: &Table, handle: &EngineHandle) -> Result<SyncReport
             lua: lua.clone(),
             transport: t,
             storage: storage.storage.clone(),
+            hashed: Rc::clone(&storage.hashed),
             connected: false,
         });
     let mut host = LuaHost {

@@ -11,6 +11,7 @@
 //! document path, which hashes it or reports what is wrong with it.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::ffi::{c_int, c_void};
 use std::io::Write;
 
@@ -38,6 +39,12 @@ impl From<serde_json::Error> for NotInPlace {
 
 const METADATA: &[u8] = b"metadata";
 
+thread_local! {
+    /// One buffer for every story hashed on the thread: a fresh one per story
+    /// costs an allocation (and allocator upkeep) of the story's size.
+    static SCRATCH: RefCell<ContentHasher> = RefCell::new(ContentHasher::new());
+}
+
 /// The content hash of the story table at `idx` (see `content_hash`).
 pub(crate) unsafe fn story_hash(state: State, idx: c_int) -> Result<String, NotInPlace> {
     let idx = ffi::lua_absindex(state, idx);
@@ -48,51 +55,27 @@ pub(crate) unsafe fn story_hash(state: State, idx: c_int) -> Result<String, NotI
     raw::push_bytes(state, METADATA);
     let has_metadata = ffi::lua_rawget(state, idx) != ffi::LUA_TNIL;
     let metadata = ffi::lua_gettop(state);
-    let mut path = Vec::new();
-    let mut body = ContentHasher::new();
     let skip = has_metadata.then_some(METADATA);
-    let result = write_value(state, idx, &mut body, skip, &mut path).and_then(|()| {
+    // Writing the story runs no Lua code, so nothing can re-enter this borrow.
+    let result = SCRATCH.with_borrow_mut(|out| {
+        // A hash given up part way leaves its text behind.
+        out.reset();
+        let mut writer = StoryWriter {
+            state,
+            out,
+            path: Vec::new(),
+            members: Vec::new(),
+        };
+        writer.value(idx, skip)?;
+        let body = writer.out.digest();
         if !has_metadata {
-            return Ok(None);
+            return Ok(combine_hash(body, None));
         }
-        let mut hasher = ContentHasher::new();
-        write_value(state, metadata, &mut hasher, None, &mut path)?;
-        Ok(Some(hasher.finish()))
+        writer.value(metadata, None)?;
+        Ok(combine_hash(body, Some(writer.out.digest())))
     });
     ffi::lua_settop(state, metadata - 1);
-    Ok(combine_hash(body.finish(), result?))
-}
-
-unsafe fn write_value(
-    state: State,
-    idx: c_int,
-    out: &mut ContentHasher,
-    skip: Option<&[u8]>,
-    path: &mut Vec<*const c_void>,
-) -> Result<(), NotInPlace> {
-    match ffi::lua_type(state, idx) {
-        ffi::LUA_TBOOLEAN => {
-            out.write_all(if ffi::lua_toboolean(state, idx) != 0 {
-                b"true"
-            } else {
-                b"false"
-            })?;
-        }
-        ffi::LUA_TNUMBER => match raw::number_at(state, idx) {
-            Value::Int(i) => write!(out, "{i}")?,
-            Value::Float(f) if !f.is_finite() => return Err(NotInPlace),
-            // As `Value` serialises floats: integral ones within 2^53 as integers.
-            Value::Float(f) => match integral(f) {
-                Some(i) if i.unsigned_abs() <= 1 << 53 => write!(out, "{i}")?,
-                _ => serde_json::to_writer(&mut *out, &f)?,
-            },
-            _ => return Err(NotInPlace),
-        },
-        ffi::LUA_TSTRING => write_string(out, raw::bytes(state, idx))?,
-        ffi::LUA_TTABLE => write_table(state, idx, out, skip, path)?,
-        _ => return Err(NotInPlace),
-    }
-    Ok(())
+    result
 }
 
 /// Writes `bytes` as a JSON string, escaped exactly as serde_json does.
@@ -121,142 +104,173 @@ enum Place {
 }
 
 /// An object member: its key as JSON text, and where its value is.
-struct Member<'a> {
-    name: Cow<'a, [u8]>,
+struct Member<'s> {
+    name: Cow<'s, [u8]>,
     place: Place,
 }
 
-unsafe fn write_table(
+/// Writes one story's canonical JSON. Key names borrowed from Lua strings
+/// (`'s`) stay valid while the story's tables are on the stack.
+struct StoryWriter<'o, 's> {
     state: State,
-    idx: c_int,
-    out: &mut ContentHasher,
-    skip: Option<&[u8]>,
-    path: &mut Vec<*const c_void>,
-) -> Result<(), NotInPlace> {
-    let identity = ffi::lua_topointer(state, idx);
-    if path.contains(&identity) || path.len() >= MAX_DEPTH {
-        return Err(NotInPlace);
-    }
-    let base = ffi::lua_gettop(state);
-    path.push(identity);
-    let written = collect_members(state, idx).and_then(|(len, members)| match members {
-        None => write_array(state, idx, len, out, path),
-        Some(members) => write_object(state, idx, len, members, out, skip, path),
-    });
-    path.pop();
-    ffi::lua_settop(state, base);
-    written
+    out: &'o mut ContentHasher,
+    /// The tables being written, outermost first (a repeat is a cycle).
+    path: Vec<*const c_void>,
+    /// Members of the objects being written, innermost last: one buffer for
+    /// the whole story instead of one allocation per object.
+    members: Vec<Member<'s>>,
 }
 
-/// Walks the table at `idx`: its border, and its members unless it is an
-/// array (`None`). Member values stay on the stack above the keys that keep
-/// their names alive, so writing them needs no second lookup.
-unsafe fn collect_members<'a>(
-    state: State,
-    idx: c_int,
-) -> Result<(usize, Option<Vec<Member<'a>>>), NotInPlace> {
-    raw::ensure_stack(state, 4).map_err(|_| NotInPlace)?;
-    let len = ffi::lua_rawlen(state, idx);
-    let mut indexed = 0usize;
-    let mut members = Vec::new();
-    ffi::lua_pushnil(state);
-    while ffi::lua_next(state, idx) != 0 {
-        let key = ffi::lua_gettop(state) - 1;
-        let name = match ffi::lua_type(state, key) {
-            ffi::LUA_TNUMBER => match raw::number_at(state, key) {
-                Value::Int(i) if i >= 1 && (i as u64) <= len as u64 => {
-                    indexed += 1;
-                    ffi::lua_settop(state, key);
-                    continue;
-                }
-                Value::Int(i) => Cow::Owned(i.to_string().into_bytes()),
-                Value::Float(f) => Cow::Owned(f.to_string().into_bytes()),
+impl StoryWriter<'_, '_> {
+    unsafe fn value(&mut self, idx: c_int, skip: Option<&[u8]>) -> Result<(), NotInPlace> {
+        let (state, out) = (self.state, &mut *self.out);
+        match ffi::lua_type(state, idx) {
+            ffi::LUA_TBOOLEAN => {
+                out.write_all(if ffi::lua_toboolean(state, idx) != 0 {
+                    b"true"
+                } else {
+                    b"false"
+                })?;
+            }
+            ffi::LUA_TNUMBER => match raw::number_at(state, idx) {
+                Value::Int(i) => write!(out, "{i}")?,
+                Value::Float(f) if !f.is_finite() => return Err(NotInPlace),
+                // As `Value` serialises floats: integral ones within 2^53 as integers.
+                Value::Float(f) => match integral(f) {
+                    Some(i) if i.unsigned_abs() <= 1 << 53 => write!(out, "{i}")?,
+                    _ => serde_json::to_writer(&mut *out, &f)?,
+                },
                 _ => return Err(NotInPlace),
             },
-            ffi::LUA_TSTRING => Cow::Borrowed(raw::bytes(state, key)),
+            ffi::LUA_TSTRING => write_string(out, raw::bytes(state, idx))?,
+            ffi::LUA_TTABLE => self.table(idx, skip)?,
             _ => return Err(NotInPlace),
-        };
-        members.push(Member {
-            name,
-            place: Place::Slot(key + 1),
+        }
+        Ok(())
+    }
+
+    unsafe fn table(&mut self, idx: c_int, skip: Option<&[u8]>) -> Result<(), NotInPlace> {
+        let identity = ffi::lua_topointer(self.state, idx);
+        if self.path.contains(&identity) || self.path.len() >= MAX_DEPTH {
+            return Err(NotInPlace);
+        }
+        let base = ffi::lua_gettop(self.state);
+        let first_member = self.members.len();
+        self.path.push(identity);
+        let written = self.collect_members(idx).and_then(|(len, indexed)| {
+            if self.members.len() == first_member && len > 0 && indexed == len {
+                self.array(idx, len)
+            } else {
+                self.object(idx, len, first_member, skip)
+            }
         });
-        raw::ensure_stack(state, 3).map_err(|_| NotInPlace)?;
-        ffi::lua_pushvalue(state, key);
+        self.path.pop();
+        self.members.truncate(first_member);
+        ffi::lua_settop(self.state, base);
+        written
     }
-    if len > 0 && indexed == len && members.is_empty() {
-        return Ok((len, None));
-    }
-    Ok((len, Some(members)))
-}
 
-unsafe fn write_array(
-    state: State,
-    idx: c_int,
-    len: usize,
-    out: &mut ContentHasher,
-    path: &mut Vec<*const c_void>,
-) -> Result<(), NotInPlace> {
-    out.write_all(b"[")?;
-    for i in 1..=len {
-        if i > 1 {
-            out.write_all(b",")?;
-        }
-        ffi::lua_rawgeti(state, idx, i as _);
-        let item = write_value(state, ffi::lua_gettop(state), out, None, path);
-        ffi::lua_settop(state, -2);
-        item?;
-    }
-    out.write_all(b"]")?;
-    Ok(())
-}
-
-unsafe fn write_object(
-    state: State,
-    idx: c_int,
-    len: usize,
-    mut members: Vec<Member<'_>>,
-    out: &mut ContentHasher,
-    skip: Option<&[u8]>,
-    path: &mut Vec<*const c_void>,
-) -> Result<(), NotInPlace> {
-    for i in 1..=len {
-        if ffi::lua_rawgeti(state, idx, i as _) != ffi::LUA_TNIL {
-            members.push(Member {
-                name: Cow::Owned(i.to_string().into_bytes()),
-                place: Place::Index(i),
+    /// Walks the table at `idx`, adding its members to `members` (all but
+    /// the keys 1..border, which make it an array if they are all there is).
+    /// Member values stay on the stack above the keys that keep their names
+    /// alive, so writing them needs no second lookup. Returns the border and
+    /// how many keys 1..border there are.
+    unsafe fn collect_members(&mut self, idx: c_int) -> Result<(usize, usize), NotInPlace> {
+        let state = self.state;
+        raw::ensure_stack(state, 4).map_err(|_| NotInPlace)?;
+        let len = ffi::lua_rawlen(state, idx);
+        let mut indexed = 0;
+        ffi::lua_pushnil(state);
+        while ffi::lua_next(state, idx) != 0 {
+            let key = ffi::lua_gettop(state) - 1;
+            let name = match ffi::lua_type(state, key) {
+                ffi::LUA_TNUMBER => match raw::number_at(state, key) {
+                    Value::Int(i) if i >= 1 && (i as u64) <= len as u64 => {
+                        indexed += 1;
+                        ffi::lua_settop(state, key);
+                        continue;
+                    }
+                    Value::Int(i) => Cow::Owned(i.to_string().into_bytes()),
+                    Value::Float(f) => Cow::Owned(f.to_string().into_bytes()),
+                    _ => return Err(NotInPlace),
+                },
+                ffi::LUA_TSTRING => Cow::Borrowed(raw::bytes(state, key)),
+                _ => return Err(NotInPlace),
+            };
+            self.members.push(Member {
+                name,
+                place: Place::Slot(key + 1),
             });
+            raw::ensure_stack(state, 3).map_err(|_| NotInPlace)?;
+            ffi::lua_pushvalue(state, key);
         }
-        ffi::lua_settop(state, -2);
+        Ok((len, indexed))
     }
-    members.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-    // Two keys with one text (1 and "1") would be one member of the document.
-    if members.windows(2).any(|pair| pair[0].name == pair[1].name) {
-        return Err(NotInPlace);
+
+    unsafe fn array(&mut self, idx: c_int, len: usize) -> Result<(), NotInPlace> {
+        self.out.write_all(b"[")?;
+        for i in 1..=len {
+            if i > 1 {
+                self.out.write_all(b",")?;
+            }
+            ffi::lua_rawgeti(self.state, idx, i as _);
+            let item = self.value(ffi::lua_gettop(self.state), None);
+            ffi::lua_settop(self.state, -2);
+            item?;
+        }
+        self.out.write_all(b"]")?;
+        Ok(())
     }
-    out.write_all(b"{")?;
-    let mut first = true;
-    for member in &members {
-        if skip == Some(&*member.name) {
-            continue;
+
+    unsafe fn object(
+        &mut self,
+        idx: c_int,
+        len: usize,
+        first_member: usize,
+        skip: Option<&[u8]>,
+    ) -> Result<(), NotInPlace> {
+        let state = self.state;
+        for i in 1..=len {
+            if ffi::lua_rawgeti(state, idx, i as _) != ffi::LUA_TNIL {
+                self.members.push(Member {
+                    name: Cow::Owned(i.to_string().into_bytes()),
+                    place: Place::Index(i),
+                });
+            }
+            ffi::lua_settop(state, -2);
         }
-        if !first {
-            out.write_all(b",")?;
+        let members = &mut self.members[first_member..];
+        members.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        // Two keys with one text (1 and "1") would be one member of the document.
+        if members.windows(2).any(|pair| pair[0].name == pair[1].name) {
+            return Err(NotInPlace);
         }
-        first = false;
-        write_string(out, &member.name)?;
-        out.write_all(b":")?;
-        match member.place {
-            Place::Slot(slot) => write_value(state, slot, out, None, path)?,
-            Place::Index(i) => {
-                ffi::lua_rawgeti(state, idx, i as _);
-                let item = write_value(state, ffi::lua_gettop(state), out, None, path);
-                ffi::lua_settop(state, -2);
-                item?;
+        self.out.write_all(b"{")?;
+        let mut first = true;
+        for at in first_member..self.members.len() {
+            let member = &self.members[at];
+            if skip == Some(&*member.name) {
+                continue;
+            }
+            if !first {
+                self.out.write_all(b",")?;
+            }
+            first = false;
+            write_string(self.out, &member.name)?;
+            self.out.write_all(b":")?;
+            match member.place {
+                Place::Slot(slot) => self.value(slot, None)?,
+                Place::Index(i) => {
+                    ffi::lua_rawgeti(state, idx, i as _);
+                    let item = self.value(ffi::lua_gettop(state), None);
+                    ffi::lua_settop(state, -2);
+                    item?;
+                }
             }
         }
+        self.out.write_all(b"}")?;
+        Ok(())
     }
-    out.write_all(b"}")?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -73,6 +73,31 @@ pub trait StateStore {
         let _ = key;
         Ok(())
     }
+    /// Whether records are kept at all. A manager on a store that keeps
+    /// nothing ([`TransientStore`]) skips building them.
+    fn keeps_records(&self) -> bool {
+        true
+    }
+}
+
+/// A store that keeps nothing: the state lives in its manager alone, for as
+/// long as the manager does (an engine given no state manager and no
+/// storage backend).
+#[derive(Debug, Default)]
+pub struct TransientStore;
+
+impl StateStore for TransientStore {
+    fn load(&mut self, _key: &str) -> Result<Option<Value>, StoreError> {
+        Ok(None)
+    }
+
+    fn save(&mut self, _key: &str, _value: &Value) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn keeps_records(&self) -> bool {
+        false
+    }
 }
 
 /// Why a state change could not be made durable.
@@ -513,11 +538,17 @@ impl<S: StateStore> StateManager<S> {
     }
 
     fn save_main(&mut self) -> Result<(), StateError> {
+        if !self.store.keeps_records() {
+            return Ok(());
+        }
         let record = self.main_record();
         save_to(&mut self.store, STATE_KEY, &record)
     }
 
     fn write_slot(&mut self, index: u64, operations: &[Value]) -> Result<(), StateError> {
+        if !self.store.keeps_records() {
+            return Ok(());
+        }
         let record = Value::Object(Map::from([
             ("generation".to_owned(), int(self.generation)),
             ("slot".to_owned(), uint(index)),

@@ -359,9 +359,20 @@ impl ContentHasher {
         Self::default()
     }
 
-    pub fn finish(self) -> String {
+    pub fn finish(mut self) -> String {
+        self.digest()
+    }
+
+    /// Drops the text written since the last digest.
+    pub fn reset(&mut self) {
+        self.0.clear();
+    }
+
+    /// The digest of the text written since the last one; the buffer is
+    /// kept for the next text.
+    pub fn digest(&mut self) -> String {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        Sha256::digest(&self.0)[..16]
+        let digest = Sha256::digest(&self.0)[..16]
             .iter()
             .flat_map(|b| {
                 [
@@ -369,7 +380,9 @@ impl ContentHasher {
                     HEX[usize::from(b & 15)] as char,
                 ]
             })
-            .collect()
+            .collect();
+        self.0.clear();
+        digest
     }
 }
 
