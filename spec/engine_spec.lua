@@ -126,6 +126,35 @@ describe("sync engine", function()
       assert.equal("Edited", transport.pushed[6].data.title)
     end)
 
+    it("reads ids under id or key, and lets listed tags choose the subset without loading", function()
+      local loaded = {}
+      local published, draft = { "published" }, { "draft" }
+      local storage = { data = { a = { title = "A", tags = published }, b = { title = "B", tags = published },
+                                 c = { title = "C", tags = draft } } }
+      function storage:list()
+        return { { id = "a", tags = published },
+                 { key = "b", tags = published, updated_at = 1700000000.5 },
+                 { id = "c", tags = draft } }
+      end
+      function storage:load(id)
+        loaded[id] = true
+        return self.data[id]
+      end
+      function storage:save(id, data) self.data[id] = data end
+      function storage:delete(id) self.data[id] = nil end
+      local transport = scripted_transport()
+      local engine = SyncEngine.new({ storage = storage, transport = transport, device_id = "laptop",
+                                      selective = { tags = { "published" } } })
+      assert(engine:sync_now())
+      local pushed = {}
+      for _, op in ipairs(transport.pushed) do
+        pushed[#pushed + 1] = op.story_id
+      end
+      table.sort(pushed)
+      assert.same({ "a", "b" }, pushed)
+      assert.is_nil(loaded.c)
+    end)
+
     it("turns a local delete into a tombstone", function()
       local storage = story_service()
       storage:save_story("s1", { title = "Doomed" })

@@ -206,6 +206,31 @@ unsafe fn push_operation_table(
     Ok(())
 }
 
+/// A storage method: the first of two names the storage has.
+type StorageMethod = (Function, &'static str);
+
+/// Finds the first of `names` the storage has.
+fn storage_method(storage: &Table, names: [&'static str; 2]) -> Result<StorageMethod, HostError> {
+    names
+        .into_iter()
+        .find_map(|name| method(storage, name).map(|f| (f, name)))
+        .ok_or_else(|| HostError(format!("storage has neither {} nor {}", names[0], names[1])))
+}
+
+/// Calls a storage method with the storage as `self`.
+fn call_method(
+    storage: &Table,
+    (f, name): &StorageMethod,
+    args: impl mlua::IntoLuaMulti,
+) -> Result<MultiValue, HostError> {
+    f.call::<MultiValue>((storage.clone(), args)).map_err(|e| {
+        HostError(format!(
+            "storage {name} raised an error: {}",
+            callback_message(&e)
+        ))
+    })
+}
+
 /// Calls the first of `names` the storage has, as a method; returns its
 /// results and the name called.
 fn call_storage(
@@ -213,30 +238,29 @@ fn call_storage(
     names: [&'static str; 2],
     args: impl mlua::IntoLuaMulti,
 ) -> Result<(MultiValue, &'static str), HostError> {
-    let (f, name) = names
-        .into_iter()
-        .find_map(|name| method(storage, name).map(|f| (f, name)))
-        .ok_or_else(|| HostError(format!("storage has neither {} nor {}", names[0], names[1])))?;
-    let values = f.call::<MultiValue>((storage.clone(), args)).map_err(|e| {
-        HostError(format!(
-            "storage {name} raised an error: {}",
-            callback_message(&e)
-        ))
-    })?;
-    Ok((values, name))
+    let method = storage_method(storage, names)?;
+    Ok((call_method(storage, &method, args)?, method.1))
+}
+
+const LOAD: [&str; 2] = ["load_story", "load"];
+
+/// A story as the storage holds it (its Lua table, or nil when missing),
+/// through its load method.
+fn load_with(storage: &Table, load: &StorageMethod, id: &str) -> Result<Option<Table>, HostError> {
+    match first(call_method(storage, load, id.to_owned())?) {
+        LuaValue::Nil => Ok(None),
+        LuaValue::Table(story) => Ok(Some(story)),
+        other => Err(HostError(format!(
+            "storage {}('{id}') returned {}, not a story table",
+            load.1,
+            a_lua_type(&other)
+        ))),
+    }
 }
 
 /// A story as the storage holds it: its Lua table, or nil when missing.
 fn load_story_table(storage: &Table, id: &str) -> Result<Option<Table>, HostError> {
-    let (values, label) = call_storage(storage, ["load_story", "load"], id.to_owned())?;
-    match first(values) {
-        LuaValue::Nil => Ok(None),
-        LuaValue::Table(story) => Ok(Some(story)),
-        other => Err(HostError(format!(
-            "storage {label}('{id}') returned {}, not a story table",
-            a_lua_type(&other)
-        ))),
-    }
+    load_with(storage, &storage_method(storage, LOAD)?, id)
 }
 
 /// Stories hashed during one sync, by id: the very table hashed, so that
@@ -244,12 +268,81 @@ fn load_story_table(storage: &Table, id: &str) -> Result<Option<Table>, HostErro
 /// without loading it again.
 type HashedStories = Rc<RefCell<HashMap<String, Table>>>;
 
+/// Reads the story list at stack index 1 (one protected call for the whole
+/// list, not one per field). Stops at the first entry without an id, giving
+/// its position and what it is.
+unsafe fn read_story_entries(
+    state: raw::State,
+    stories: &mut Vec<StoryEntry>,
+    without_id: &mut Option<(usize, String)>,
+) -> Result<(), raw::ConvertErrorKind> {
+    raw::ensure_stack(state, 4)?;
+    let (entry, field) = (2, 3);
+    let text_at = |idx| raw::string_at(state, idx).map(|s| String::from_utf8_lossy(s).into_owned());
+    for i in 1.. {
+        match ffi::lua_rawgeti(state, 1, i as _) {
+            ffi::LUA_TNIL => break,
+            ffi::LUA_TTABLE => {}
+            _ => {
+                *without_id = Some((i, format!("a {}", raw::type_name(state, entry))));
+                break;
+            }
+        }
+        ffi::lua_getfield(state, entry, c"id".as_ptr());
+        let mut id = text_at(field);
+        ffi::lua_settop(state, entry);
+        if id.is_none() {
+            ffi::lua_getfield(state, entry, c"key".as_ptr());
+            id = text_at(field);
+            ffi::lua_settop(state, entry);
+        }
+        let Some(id) = id else {
+            *without_id = Some((i, "a table".to_owned()));
+            break;
+        };
+        ffi::lua_getfield(state, entry, c"updated_at".as_ptr());
+        let updated_at = if ffi::lua_type(state, field) == ffi::LUA_TNUMBER {
+            match raw::number_at(state, field) {
+                Value::Int(t) => Some(t),
+                Value::Float(t) if t.is_finite() => Some(t.floor() as i64),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        ffi::lua_settop(state, entry);
+        // whisker-core's StorageService lists each story's tags.
+        let tags =
+            (ffi::lua_getfield(state, entry, c"tags".as_ptr()) == ffi::LUA_TTABLE).then(|| {
+                let mut tags = Vec::new();
+                for t in 1.. {
+                    if ffi::lua_rawgeti(state, field, t) == ffi::LUA_TNIL {
+                        break;
+                    }
+                    tags.extend(text_at(field + 1));
+                    ffi::lua_settop(state, field);
+                }
+                tags
+            });
+        ffi::lua_settop(state, 1);
+        stories.push(StoryEntry {
+            id,
+            updated_at,
+            tags,
+        });
+    }
+    Ok(())
+}
+
 /// The storage handed to the engine, as the engine's [`Storage`].
 struct LuaStorage {
     lua: Lua,
     storage: Option<Table>,
     signals: Rc<Signals>,
     hashed: HashedStories,
+    /// The storage's load method, looked up once per sync: a sync loads
+    /// every story it hashes.
+    load_method: RefCell<Option<StorageMethod>>,
 }
 
 /// The table in `this[key]`, or `None` when the field holds anything else.
@@ -267,7 +360,23 @@ impl LuaStorage {
             storage,
             signals: Rc::clone(&handle.signals),
             hashed: HashedStories::default(),
+            load_method: RefCell::default(),
         }
+    }
+
+    /// The story `id` as the storage holds it (see [`load_with`]).
+    fn load_table(&self, storage: &Table, id: &str) -> Result<Option<Table>, HostError> {
+        let cached = self.load_method.borrow().clone();
+        let load = match cached {
+            Some(load) => load,
+            None => self
+                .load_method
+                .borrow_mut()
+                .insert(storage_method(storage, LOAD)?)
+                .clone(),
+        };
+        // No borrow is held while the storage runs: it may call back into Lua.
+        load_with(storage, &load, id)
     }
 
     /// Calls the first of `names` the storage has, as a method.
@@ -329,47 +438,16 @@ impl Storage for LuaStorage {
             }
         };
         let mut stories = Vec::new();
-        for (i, entry) in entries.sequence_values::<LuaValue>().enumerate() {
-            let entry = entry.map_err(|e| HostError(callback_message(&e)))?;
-            let without_id = || {
-                HostError(format!(
-                    "storage {label} returned an entry without an id (entry {}: {})",
-                    i + 1,
-                    a_lua_type(&entry)
-                ))
-            };
-            let LuaValue::Table(table) = &entry else {
-                return Err(without_id());
-            };
-            let id = match (table.get::<LuaValue>("id"), table.get::<LuaValue>("key")) {
-                (Ok(LuaValue::String(id)), _) | (_, Ok(LuaValue::String(id))) => {
-                    id.to_string_lossy()
-                }
-                _ => return Err(without_id()),
-            };
-            let entry = table;
-            let updated_at = match entry.get::<LuaValue>("updated_at") {
-                Ok(LuaValue::Integer(t)) => Some(crate::values::int64(t)),
-                Ok(LuaValue::Number(t)) if t.is_finite() => Some(t.floor() as i64),
-                _ => None,
-            };
-            // whisker-core's StorageService lists each story's tags.
-            let tags = match entry.get::<LuaValue>("tags") {
-                Ok(LuaValue::Table(tags)) => Some(
-                    tags.sequence_values::<LuaValue>()
-                        .filter_map(|tag| match tag {
-                            Ok(LuaValue::String(tag)) => Some(tag.to_string_lossy()),
-                            _ => None,
-                        })
-                        .collect(),
-                ),
-                _ => None,
-            };
-            stories.push(StoryEntry {
-                id,
-                updated_at,
-                tags,
-            });
+        let mut without_id = None;
+        raw::with_stack(&self.lua, entries, |state| unsafe {
+            read_story_entries(state, &mut stories, &mut without_id)
+        })
+        .map_err(|e| HostError(callback_message(&e)))?
+        .map_err(|kind| HostError(kind.to_string()))?;
+        if let Some((i, kind)) = without_id {
+            return Err(HostError(format!(
+                "storage {label} returned an entry without an id (entry {i}: {kind})"
+            )));
         }
         Ok(stories)
     }
@@ -378,7 +456,7 @@ impl Storage for LuaStorage {
         let Some(storage) = &self.storage else {
             return Ok(None);
         };
-        let Some(story) = load_story_table(storage, id)? else {
+        let Some(story) = self.load_table(storage, id)? else {
             return Ok(None);
         };
         match from_lua(&self.lua, LuaValue::Table(story)) {
@@ -392,7 +470,7 @@ impl Storage for LuaStorage {
         let Some(storage) = &self.storage else {
             return Ok(None);
         };
-        let Some(story) = load_story_table(storage, id)? else {
+        let Some(story) = self.load_table(storage, id)? else {
             return Ok(None);
         };
         let mut hash = None;
