@@ -86,6 +86,8 @@ enum Reply {
     Slow(Duration),
     Body(Vec<u8>, Vec<(&'static str, String)>),
     Chunked(usize),
+    /// Reads the request and closes the connection without an answer.
+    Hangup,
 }
 
 /// A loopback HTTP server answering requests with `replies` in turn (the last
@@ -144,6 +146,7 @@ async fn fault_server(replies: Vec<Reply>) -> (String, Arc<AtomicUsize>) {
                         bytes.extend_from_slice(b"0\r\n\r\n");
                         bytes
                     }
+                    Reply::Hangup => return,
                 };
                 let _ = socket.write_all(&bytes).await;
                 let _ = socket.shutdown().await;
@@ -197,6 +200,48 @@ fn http_5xx_and_429_are_retried_until_recovery() {
             .unwrap_err();
         assert_eq!(err.to_string(), "server returned HTTP 404: not found");
         assert_eq!(count.load(Ordering::SeqCst), 1, "4xx is never retried");
+    });
+}
+
+#[test]
+fn http_connections_closed_before_any_answer_are_tried_past_without_a_retry() {
+    let rt = runtime();
+    rt.block_on(async {
+        // What kept-alive connections look like after a server restart.
+        let (url, count) = fault_server(vec![
+            Reply::Hangup,
+            Reply::Hangup,
+            Reply::Status(200, EMPTY_FETCH, vec![]),
+        ])
+        .await;
+        let mut config = HttpConfig::new(url, KEY);
+        config.max_retries = 0;
+        let fetched = HttpTransport::new(config)
+            .unwrap()
+            .fetch_operations("d", 0, None)
+            .await
+            .expect("answered on the third connection");
+        assert_eq!(fetched.version, 7);
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+
+        // A server that always hangs up is still reported, after four such
+        // connections and then the retries as configured.
+        let (url, count) = fault_server(vec![Reply::Hangup]).await;
+        let mut config = HttpConfig::new(url, KEY);
+        config.max_retries = 1;
+        config.retry_delay = Duration::from_millis(10);
+        let err = HttpTransport::new(config)
+            .unwrap()
+            .fetch_operations("d", 0, None)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().ends_with(
+                "failed: connection closed before message completed (gave up after 2 attempts)"
+            ),
+            "{err}"
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 4 + 2);
     });
 }
 

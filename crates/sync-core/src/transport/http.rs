@@ -5,8 +5,11 @@
 //! timeouts, 5xx and 429 are retried up to `max_retries` times with exponential
 //! backoff and jitter (`retry_delay · 2ⁿ`, scaled by a random factor in
 //! [0.5, 1)), honouring a `Retry-After` of whole seconds; other statuses are
-//! returned at once. The timeout covers each whole attempt, connection to last
-//! body byte. Bodies are read up to a size limit.
+//! returned at once. A connection that closes before any answer (a kept-alive
+//! one the server closed, as after a restart) is tried past at once, up to
+//! four times per request, without using up a retry. The timeout covers each
+//! whole attempt, connection to last body byte. Bodies are read up to a size
+//! limit.
 //!
 //! Compression (docs/PROTOCOL.md, "Compression"): every request says
 //! `Accept-Encoding: gzip` and gzip answers are decoded here (so
@@ -38,6 +41,9 @@ use crate::wire::{FetchResponse, PushRequest, PushResponse, VersionResponse};
 
 /// Default largest response body accepted, in bytes.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+/// How many pooled connections found closed one request tries past (after a
+/// server restart, every kept-alive connection is); they are not retries.
+const STALE_CONNECTIONS: u32 = 4;
 /// Longest `Retry-After` honoured; longer waits are cut to this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
@@ -55,6 +61,10 @@ pub enum HttpError {
     Timeout { url: String, after: Duration },
     #[error("request to {url} failed: {detail}")]
     Request { url: String, detail: String },
+    /// The connection closed before any answer: most often a kept-alive one
+    /// the server had closed (it restarted, or timed the connection out).
+    #[error("request to {url} failed: {detail}")]
+    Dropped { url: String, detail: String },
     #[error("response from {url} is larger than the {limit}-byte limit")]
     TooLarge { url: String, limit: usize },
     #[error("server returned HTTP {status}: {message}")]
@@ -94,6 +104,7 @@ impl HttpError {
                 | HttpError::Connect { .. }
                 | HttpError::Timeout { .. }
                 | HttpError::Request { .. }
+                | HttpError::Dropped { .. }
         )
     }
 
@@ -206,6 +217,20 @@ pub(crate) fn network_error(url: &str, timeout: Duration, e: reqwest::Error) -> 
             detail: detail(&e),
         }
     }
+}
+
+/// Whether the connection closed before the server answered at all.
+fn closed_before_answer(error: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 fn refused(error: &reqwest::Error) -> bool {
@@ -321,8 +346,8 @@ impl HttpClient {
     pub async fn send(&self, request: &Request) -> Result<Response, HttpError> {
         let mut body = self.encode_body(request)?;
         let mut attempt = 0;
+        let mut dropped = 0;
         loop {
-            attempt += 1;
             let outcome = match self.attempt(request, &body).await {
                 Ok(response) if response.status == 415 && body.gzip => {
                     // The server no longer takes gzip: send it plain (not a retry).
@@ -332,6 +357,13 @@ impl HttpClient {
                 }
                 outcome => outcome,
             };
+            if matches!(outcome, Err(HttpError::Dropped { .. })) && dropped < STALE_CONNECTIONS {
+                // A pooled connection found closed says nothing about the
+                // server: try again at once, without using up a retry.
+                dropped += 1;
+                continue;
+            }
+            attempt += 1;
             let retry = match &outcome {
                 Ok(response) => response.status >= 500 || response.status == 429,
                 Err(e) => e.is_transient(),
@@ -430,7 +462,16 @@ impl HttpClient {
             builder = builder.body(bytes.clone());
         }
         let network = |e: reqwest::Error| network_error(url, request.timeout, e);
-        let mut response = builder.send().await.map_err(network)?;
+        let mut response = builder.send().await.map_err(|e| {
+            if closed_before_answer(&e) {
+                HttpError::Dropped {
+                    url: url.to_owned(),
+                    detail: detail(&e),
+                }
+            } else {
+                network(e)
+            }
+        })?;
         self.learn(response.headers());
         let too_large = || HttpError::TooLarge {
             url: url.to_owned(),
