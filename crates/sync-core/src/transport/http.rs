@@ -5,9 +5,9 @@
 //! timeouts, 5xx and 429 are retried up to `max_retries` times with exponential
 //! backoff and jitter (`retry_delay · 2ⁿ`, scaled by a random factor in
 //! [0.5, 1)), honouring a `Retry-After` of whole seconds; other statuses are
-//! returned at once. A connection that closes before any answer (a kept-alive
-//! one the server closed, as after a restart) is tried past at once, up to
-//! four times per request, without using up a retry. The timeout covers each
+//! returned at once. A request without a body whose connection closes before
+//! any answer (a kept-alive one the server closed, as after a restart) is
+//! tried again at once, up to four times, without using up a retry. The timeout covers each
 //! whole attempt, connection to last body byte. Bodies are read up to a size
 //! limit.
 //!
@@ -41,8 +41,9 @@ use crate::wire::{FetchResponse, PushRequest, PushResponse, VersionResponse};
 
 /// Default largest response body accepted, in bytes.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
-/// How many pooled connections found closed one request tries past (after a
-/// server restart, every kept-alive connection is); they are not retries.
+/// How many pooled connections found closed a request without a body tries
+/// past (after a server restart, every kept-alive connection is); they are
+/// not retries.
 const STALE_CONNECTIONS: u32 = 4;
 /// Longest `Retry-After` honoured; longer waits are cut to this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -357,9 +358,15 @@ impl HttpClient {
                 }
                 outcome => outcome,
             };
-            if matches!(outcome, Err(HttpError::Dropped { .. })) && dropped < STALE_CONNECTIONS {
+            let bodiless = request.body.is_none();
+            if bodiless
+                && matches!(outcome, Err(HttpError::Dropped { .. }))
+                && dropped < STALE_CONNECTIONS
+            {
                 // A pooled connection found closed says nothing about the
-                // server: try again at once, without using up a retry.
+                // server: try again at once, without using up a retry. A
+                // request with a body may have been cut mid-transfer instead,
+                // so that counts as an attempt.
                 dropped += 1;
                 continue;
             }
