@@ -672,10 +672,14 @@ impl Transport for LuaTransport {
                 matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none();
             let data = match (&self.storage, needs_content) {
                 (_, false) => None,
-                (Some(storage), true) => match self.hashed.borrow_mut().remove(&op.story_id) {
-                    Some(table) => Some(LuaValue::Table(table)),
-                    None => load_story_table(storage, &op.story_id)?.map(LuaValue::Table),
-                },
+                (Some(storage), true) => {
+                    // Taken out first: no borrow is held while the storage runs.
+                    let hashed = self.hashed.borrow_mut().remove(&op.story_id);
+                    match hashed {
+                        Some(table) => Some(LuaValue::Table(table)),
+                        None => load_story_table(storage, &op.story_id)?.map(LuaValue::Table),
+                    }
+                }
                 (None, true) => match content(&op.story_id)? {
                     Some(story) => Some(to_lua(&self.lua, &story).map_err(lua_error)?),
                     None => None,
