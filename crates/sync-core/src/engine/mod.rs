@@ -661,13 +661,6 @@ impl Engine {
                 ..SyncReport::default()
             },
         };
-        for op in state.pending_operations() {
-            round
-                .pending
-                .entry(op.story_id.clone())
-                .or_default()
-                .push(op);
-        }
         for conflict in state.conflicts() {
             if let Some(id) = conflict.get("story_id").and_then(Value::as_str) {
                 round.held.insert(id.to_owned(), conflict.clone());

@@ -441,6 +441,24 @@ fn a_lost_push_answer_neither_loses_nor_duplicates() {
 }
 
 #[test]
+fn an_acknowledgement_in_a_fetch_settles_a_queued_edit_without_a_second_push() {
+    let s = server();
+    let mut a = Device::new("a", &s, ConflictStrategy::LastWriteWins);
+    a.write("s", r#"{"title":"Once"}"#);
+    s.borrow_mut().lose_next_answer = true;
+    assert!(a.sync().is_err());
+    // Transports that return this device's own operations acknowledge them so.
+    let stored = s.borrow().log[0].clone();
+    s.borrow_mut()
+        .inject
+        .push(crate::state::operation_value(&stored).unwrap());
+    let report = a.sync().unwrap();
+    assert_eq!(report.pushed, 0, "the fetch already settled it");
+    assert_eq!(a.state.pending_count(), 0);
+    assert_eq!(pushed(&s), 1);
+}
+
+#[test]
 fn malformed_remote_operations_fail_the_sync_and_apply_nothing() {
     let s = server();
     let mut a = Device::new("a", &s, ConflictStrategy::LastWriteWins);
