@@ -15,6 +15,14 @@ mod websocket;
 
 use mlua::{Lua, Table};
 
+/// The module's own allocations go to mimalloc, not the host's malloc: the
+/// Lua heap's pattern of many small frees and table growth keeps glibc's
+/// allocator consolidating free lists, which cost the engine a quarter of a
+/// sync's time (bench/README.md). The local-dynamic TLS model suits a
+/// library loaded with `dlopen`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 // Unit tests create Lua states of their own, so their binary links the
 // flavour's Lua library (the module never does: the host provides Lua).
 // Integration tests get the same from build.rs.

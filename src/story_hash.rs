@@ -80,19 +80,23 @@ pub(crate) unsafe fn story_hash(state: State, idx: c_int) -> Result<String, NotI
 
 /// Writes `bytes` as a JSON string, escaped exactly as serde_json does.
 fn write_string(out: &mut ContentHasher, bytes: &[u8]) -> Result<(), NotInPlace> {
-    let text = std::str::from_utf8(bytes).map_err(|_| NotInPlace)?;
     // Most text needs no escaping, and then serde_json writes it verbatim.
     // A fold without early exit, so that the check runs on whole vectors.
-    let plain = !bytes.iter().fold(false, |seen, &b| {
+    let escaped = bytes.iter().fold(false, |seen, &b| {
         seen | (b < 0x20) | (b == b'"') | (b == b'\\')
     });
-    if plain {
-        out.write_all(b"\"")?;
-        out.write_all(bytes)?;
-        out.write_all(b"\"")?;
-    } else {
+    if escaped {
+        let text = std::str::from_utf8(bytes).map_err(|_| NotInPlace)?;
         serde_json::to_writer(&mut *out, text)?;
+        return Ok(());
     }
+    // ASCII, the usual case, is valid UTF-8 without the full check.
+    if !bytes.is_ascii() {
+        std::str::from_utf8(bytes).map_err(|_| NotInPlace)?;
+    }
+    out.write_all(b"\"")?;
+    out.write_all(bytes)?;
+    out.write_all(b"\"")?;
     Ok(())
 }
 

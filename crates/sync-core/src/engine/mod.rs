@@ -667,7 +667,6 @@ impl Engine {
             }
         }
         let times = scanned.times;
-        let scanned_hashes = scanned.hashes.clone();
         let mut local = Local::new(scanned.hashes);
         let mut settled = false;
         let mut unresolved_push: Vec<ServerConflict> = Vec::new();
@@ -702,17 +701,16 @@ impl Engine {
         });
         // Stories whose content is what was synced: remember their
         // `updated_at`, so the next scan can skip them while it is unchanged.
-        for (id, time) in times {
-            let Some(baseline) = round.baseline(state, &id) else {
+        for read in times {
+            let Some(baseline) = round.baseline(state, &read.id) else {
                 continue;
             };
-            if scanned_hashes.get(&id) == Some(&baseline.hash) && baseline.updated_at != Some(time)
-            {
+            if read.hash == baseline.hash && baseline.updated_at != Some(read.updated_at) {
                 let touched = Baseline {
-                    updated_at: Some(time),
+                    updated_at: Some(read.updated_at),
                     ..baseline.clone()
                 };
-                round.set_baseline(&id, Some(touched));
+                round.set_baseline(&read.id, Some(touched));
             }
         }
         bases.save(state)?;

@@ -58,9 +58,16 @@ pub(super) struct Scanned {
     pub queued: BTreeMap<String, Vec<Operation>>,
     /// Content hashes of the stories looked at (`"deleted"`: listed but gone).
     pub hashes: BTreeMap<String, String>,
-    /// The `updated_at` of stories read whose content it can stand for (see
+    /// Stories read whose `updated_at` can stand for their content (see
     /// [`SETTLED_SECONDS`]).
-    pub times: BTreeMap<String, i64>,
+    pub times: Vec<ReadAt>,
+}
+
+/// A story's `updated_at` and the content hash read with it.
+pub(super) struct ReadAt {
+    pub id: String,
+    pub updated_at: i64,
+    pub hash: String,
 }
 
 /// Compares local stories with what the state knows (the last synced version,
@@ -83,7 +90,7 @@ pub(super) fn collect<S: StateStore>(
         new_ops: Vec::new(),
         queued: BTreeMap::new(),
         hashes: BTreeMap::new(),
-        times: BTreeMap::new(),
+        times: Vec::new(),
     };
     let mut listed = BTreeSet::new();
     let total = entries.len();
@@ -151,7 +158,11 @@ pub(super) fn collect<S: StateStore>(
             .updated_at
             .filter(|t| *t <= now_seconds() - SETTLED_SECONDS)
         {
-            scanned.times.insert(entry.id.clone(), time);
+            scanned.times.push(ReadAt {
+                id: entry.id.clone(),
+                updated_at: time,
+                hash: hash.clone(),
+            });
         }
         scanned.hashes.insert(entry.id, hash);
     }
