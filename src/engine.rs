@@ -15,6 +15,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
+use std::ffi::c_int;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,10 @@ use sync_core::state::{status, StateManager, TransientStore};
 use sync_core::value::Value;
 use sync_core::wire::ServerConflict;
 
+use crate::protocol::{
+    set_field, FieldKeys, BASE_VERSION, DATA, DEVICE_ID, FIELDS, ID, METADATA, STORY_ID, TIMESTAMP,
+    TYPE, VERSION,
+};
 use crate::raw;
 use crate::state_manager::{lua_error_message, state_manager_of, LuaStateManager, LuaStore};
 use crate::story_hash;
@@ -138,14 +143,47 @@ fn first(values: MultiValue) -> LuaValue {
     values.into_iter().next().unwrap_or(LuaValue::Nil)
 }
 
-/// An operation as a new Lua table (the fields of its JSON form). `data`, a
-/// Lua value already (the storage's own story table), stands in for `op.data`.
-fn operation_table(lua: &Lua, op: &Operation, data: Option<LuaValue>) -> mlua::Result<Table> {
-    let pushed = raw::with_stack(lua, data, |state| unsafe {
-        push_operation_table(state, op, 1)?;
+/// An operation as a new Lua table (the fields of its JSON form).
+fn operation_table(lua: &Lua, op: &Operation) -> mlua::Result<Table> {
+    let pushed = raw::with_stack(lua, (), |state| unsafe {
+        let keys = FieldKeys::push(state, FIELDS)?;
+        push_operation_table(state, &keys, op, 0)?;
         raw::return_top(state);
         Ok::<(), raw::ConvertErrorKind>(())
     })?;
+    built_table(pushed)
+}
+
+/// The operations as a list of new Lua tables, built in one protected call.
+/// `data[i]`, when set (the storage's own story table), is the content of
+/// operation `i` (from 1); a create or update whose content is missing goes
+/// out as a delete.
+fn operation_list(lua: &Lua, ops: &[Operation], data: Table) -> mlua::Result<Table> {
+    let pushed = raw::with_stack(lua, data, |state| unsafe {
+        let keys = FieldKeys::push(state, FIELDS)?;
+        ffi::lua_createtable(state, ops.len() as c_int, 0);
+        let list = ffi::lua_gettop(state);
+        for (i, op) in ops.iter().enumerate() {
+            let n = (i + 1) as ffi::lua_Integer;
+            let has_content = ffi::lua_rawgeti(state, 1, n) != ffi::LUA_TNIL;
+            let content = if has_content { list + 1 } else { 0 };
+            push_operation_table(state, &keys, op, content)?;
+            let needs_content =
+                matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none();
+            if needs_content && !has_content {
+                raw::push_str(state, OpType::Delete.as_str());
+                set_field(state, &keys, list + 2, TYPE);
+            }
+            ffi::lua_rawseti(state, list, n);
+            ffi::lua_settop(state, list);
+        }
+        raw::return_top(state);
+        Ok::<(), raw::ConvertErrorKind>(())
+    })?;
+    built_table(pushed)
+}
+
+fn built_table(pushed: Result<MultiValue, raw::ConvertErrorKind>) -> mlua::Result<Table> {
     match pushed.map(|values| values.into_iter().next()) {
         Ok(Some(LuaValue::Table(table))) => Ok(table),
         Ok(_) => Err(mlua::Error::runtime("operation table was not built")),
@@ -153,54 +191,50 @@ fn operation_table(lua: &Lua, op: &Operation, data: Option<LuaValue>) -> mlua::R
     }
 }
 
-/// Pushes `op` as a table, with the value at `data` (unless nil) as its data.
-/// Built with the raw API: one protected call per operation, not one per field.
+/// Pushes `op` as a table, with the value at `data` (unless 0) as its data.
+/// Built with the raw API; field names come from `keys`.
 unsafe fn push_operation_table(
     state: raw::State,
+    keys: &FieldKeys,
     op: &Operation,
-    data: std::ffi::c_int,
+    data: c_int,
 ) -> Result<(), raw::ConvertErrorKind> {
     raw::ensure_stack(state, 4)?;
-    ffi::lua_createtable(state, 0, 8 + op.extra.len() as std::ffi::c_int);
+    ffi::lua_createtable(state, 0, 8 + op.extra.len() as c_int);
     let table = ffi::lua_gettop(state);
-    // Sets table[name] to the value on top of the stack.
-    let set = |name: &str| {
-        raw::push_str(state, name);
-        ffi::lua_insert(state, -2);
-        ffi::lua_rawset(state, table);
-    };
     for (key, value) in &op.extra {
+        raw::push_str(state, key);
         raw::push_value(state, value)?;
-        set(key);
+        ffi::lua_rawset(state, table);
     }
     raw::push_str(state, &op.id);
-    set("id");
+    set_field(state, keys, table, ID);
     raw::push_str(state, op.op_type.as_str());
-    set("type");
+    set_field(state, keys, table, TYPE);
     raw::push_str(state, &op.story_id);
-    set("story_id");
-    if ffi::lua_type(state, data) != ffi::LUA_TNIL {
+    set_field(state, keys, table, STORY_ID);
+    if data != 0 {
         ffi::lua_pushvalue(state, data);
-        set("data");
+        set_field(state, keys, table, DATA);
     } else if let Some(value) = &op.data {
         raw::push_value(state, value)?;
-        set("data");
+        set_field(state, keys, table, DATA);
     }
-    ffi::lua_createtable(state, 0, op.metadata.len() as std::ffi::c_int);
+    ffi::lua_createtable(state, 0, op.metadata.len() as c_int);
     for (key, value) in &op.metadata {
         raw::push_str(state, key);
         raw::push_value(state, value)?;
         ffi::lua_rawset(state, -3);
     }
-    set("metadata");
+    set_field(state, keys, table, METADATA);
     raw::push_int(state, op.timestamp);
-    set("timestamp");
+    set_field(state, keys, table, TIMESTAMP);
     raw::push_str(state, &op.device_id);
-    set("device_id");
-    for (key, version) in [("base_version", op.base_version), ("version", op.version)] {
+    set_field(state, keys, table, DEVICE_ID);
+    for (name, version) in [(BASE_VERSION, op.base_version), (VERSION, op.version)] {
         if let Some(version) = version {
             raw::push_int(state, i64::try_from(version).unwrap_or(i64::MAX));
-            set(key);
+            set_field(state, keys, table, name);
         }
     }
     Ok(())
@@ -666,13 +700,18 @@ impl Transport for LuaTransport {
         self.ensure_connected()?;
         let before = self.traffic();
         let lua_error = |e: mlua::Error| HostError(callback_message(&e));
-        let list = self.lua.create_table().map_err(lua_error)?;
+        // The contents first (the storage's Lua runs here), then every
+        // operation table in one protected call.
+        let contents = self
+            .lua
+            .create_table_with_capacity(operations.len(), 0)
+            .map_err(lua_error)?;
         for (i, op) in operations.iter().enumerate() {
-            let needs_content =
-                matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none();
-            let data = match (&self.storage, needs_content) {
-                (_, false) => None,
-                (Some(storage), true) => {
+            if !matches!(op.op_type, OpType::Create | OpType::Update) || op.data.is_some() {
+                continue;
+            }
+            let content = match &self.storage {
+                Some(storage) => {
                     // Taken out first: no borrow is held while the storage runs.
                     let hashed = self.hashed.borrow_mut().remove(&op.story_id);
                     match hashed {
@@ -680,20 +719,16 @@ impl Transport for LuaTransport {
                         None => load_story_table(storage, &op.story_id)?.map(LuaValue::Table),
                     }
                 }
-                (None, true) => match content(&op.story_id)? {
+                None => match content(&op.story_id)? {
                     Some(story) => Some(to_lua(&self.lua, &story).map_err(lua_error)?),
                     None => None,
                 },
             };
-            let gone = needs_content && data.is_none();
-            let table = operation_table(&self.lua, op, data).map_err(lua_error)?;
-            if gone {
-                table
-                    .raw_set("type", OpType::Delete.as_str())
-                    .map_err(lua_error)?;
+            if let Some(content) = content {
+                contents.raw_set(i + 1, content).map_err(lua_error)?;
             }
-            list.raw_set(i + 1, table).map_err(lua_error)?;
         }
+        let list = operation_list(&self.lua, operations, contents).map_err(lua_error)?;
         let result = self.call("push_operations", (device_id.to_owned(), list.clone()))?;
         let LuaValue::Table(result) = result else {
             return Err(HostError(format!(
@@ -806,7 +841,7 @@ impl LuaHost {
     }
 
     fn operation(&self, op: &Operation) -> mlua::Result<LuaValue> {
-        operation_table(&self.lua, op, None).map(LuaValue::Table)
+        operation_table(&self.lua, op).map(LuaValue::Table)
     }
 
     /// The conflict as the old API showed it to resolvers and listeners.

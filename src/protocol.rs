@@ -74,7 +74,7 @@ unsafe fn expect_table(state: State, idx: c_int, function: &'static str) -> Call
 }
 
 /// Field names used on operation, conflict and resolution tables.
-const FIELDS: [&str; 20] = [
+pub(crate) const FIELDS: [&str; 20] = [
     "id",
     "type",
     "story_id",
@@ -96,15 +96,15 @@ const FIELDS: [&str; 20] = [
     "original_id",
     "source",
 ];
-const ID: usize = 0;
-const TYPE: usize = 1;
-const STORY_ID: usize = 2;
-const DATA: usize = 3;
-const METADATA: usize = 4;
-const TIMESTAMP: usize = 5;
-const DEVICE_ID: usize = 6;
-const VERSION: usize = 7;
-const BASE_VERSION: usize = 8;
+pub(crate) const ID: usize = 0;
+pub(crate) const TYPE: usize = 1;
+pub(crate) const STORY_ID: usize = 2;
+pub(crate) const DATA: usize = 3;
+pub(crate) const METADATA: usize = 4;
+pub(crate) const TIMESTAMP: usize = 5;
+pub(crate) const DEVICE_ID: usize = 6;
+pub(crate) const VERSION: usize = 7;
+pub(crate) const BASE_VERSION: usize = 8;
 const LOCAL_OPERATIONS: usize = 9;
 const REMOTE_OPERATIONS: usize = 10;
 const LOCAL_VERSION: usize = 11;
@@ -117,7 +117,7 @@ const REMOTE_COPY: usize = 17;
 const ORIGINAL_ID: usize = 18;
 const SOURCE: usize = 19;
 
-type FieldKeys = Keys<{ FIELDS.len() }>;
+pub(crate) type FieldKeys = Keys<{ FIELDS.len() }>;
 
 /// Pushes `table[field]` and returns its type.
 unsafe fn field(state: State, keys: &FieldKeys, table: c_int, name: usize) -> c_int {
@@ -125,7 +125,7 @@ unsafe fn field(state: State, keys: &FieldKeys, table: c_int, name: usize) -> c_
 }
 
 /// Pops the top value into `table[field]`.
-unsafe fn set_field(state: State, keys: &FieldKeys, table: c_int, name: usize) {
+pub(crate) unsafe fn set_field(state: State, keys: &FieldKeys, table: c_int, name: usize) {
     raw::set(state, table, keys.at(name))
 }
 
