@@ -168,9 +168,7 @@ fn operation_list(lua: &Lua, ops: &[Operation], data: Table) -> mlua::Result<Tab
             let has_content = ffi::lua_rawgeti(state, 1, n) != ffi::LUA_TNIL;
             let content = if has_content { list + 1 } else { 0 };
             push_operation_table(state, &keys, op, content)?;
-            let needs_content =
-                matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none();
-            if needs_content && !has_content {
+            if needs_content(op) && !has_content {
                 raw::push_str(state, OpType::Delete.as_str());
                 set_field(state, &keys, list + 2, TYPE);
             }
@@ -181,6 +179,12 @@ fn operation_list(lua: &Lua, ops: &[Operation], data: Table) -> mlua::Result<Tab
         Ok::<(), raw::ConvertErrorKind>(())
     })?;
     built_table(pushed)
+}
+
+/// Whether the operation's content comes from local storage at push time
+/// (queued creates and updates refer to it by hash).
+fn needs_content(op: &Operation) -> bool {
+    matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none()
 }
 
 fn built_table(pushed: Result<MultiValue, raw::ConvertErrorKind>) -> mlua::Result<Table> {
@@ -707,7 +711,7 @@ impl Transport for LuaTransport {
             .create_table_with_capacity(operations.len(), 0)
             .map_err(lua_error)?;
         for (i, op) in operations.iter().enumerate() {
-            if !matches!(op.op_type, OpType::Create | OpType::Update) || op.data.is_some() {
+            if !needs_content(op) {
                 continue;
             }
             let content = match &self.storage {
