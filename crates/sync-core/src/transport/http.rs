@@ -7,9 +7,9 @@
 //! [0.5, 1)), honouring a `Retry-After` of whole seconds; other statuses are
 //! returned at once. A request without a body whose connection closes before
 //! any answer (a kept-alive one the server closed, as after a restart) is
-//! tried again at once, up to four times, without using up a retry. The timeout covers each
-//! whole attempt, connection to last body byte. Bodies are read up to a size
-//! limit.
+//! tried again at once, up to four times, without using up a retry. The
+//! timeout covers each whole attempt, connection to last body byte. Bodies are
+//! read up to a size limit.
 //!
 //! Compression (docs/PROTOCOL.md, "Compression"): every request says
 //! `Accept-Encoding: gzip` and gzip answers are decoded here (so
@@ -220,31 +220,25 @@ pub(crate) fn network_error(url: &str, timeout: Duration, e: reqwest::Error) -> 
     }
 }
 
+/// Whether `error` or any error in its chain of causes is a `C` that `test` accepts.
+fn caused_by<C: std::error::Error + 'static>(
+    error: &reqwest::Error,
+    test: impl Fn(&C) -> bool,
+) -> bool {
+    let first: &(dyn std::error::Error + 'static) = error;
+    std::iter::successors(Some(first), |e| e.source())
+        .any(|e| e.downcast_ref::<C>().is_some_and(&test))
+}
+
 /// Whether the connection closed before the server answered at all.
 fn closed_before_answer(error: &reqwest::Error) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = cause {
-        if e.downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_incomplete_message)
-        {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
+    caused_by(error, hyper::Error::is_incomplete_message)
 }
 
 fn refused(error: &reqwest::Error) -> bool {
-    let mut cause: Option<&dyn std::error::Error> = Some(error);
-    while let Some(e) = cause {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        cause = e.source();
-    }
-    false
+    caused_by(error, |io: &std::io::Error| {
+        io.kind() == std::io::ErrorKind::ConnectionRefused
+    })
 }
 
 /// The message of an error response: its JSON `error` field, else its text.
