@@ -3,6 +3,7 @@
 //! server both build on this crate.
 
 pub mod engine;
+pub mod patch;
 pub mod protocol;
 pub mod state;
 pub mod transport;

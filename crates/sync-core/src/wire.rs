@@ -54,7 +54,16 @@ pub struct FetchResponse {
     pub version: u64,
     #[serde(default)]
     pub has_more: bool,
+    /// Extension: what the server can do beyond the old protocol
+    /// (`["patch"]`: it applies patched updates, see [`crate::patch`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// Conflict type for a patched update the server could not apply: the story
+/// it holds is not the version the patch was made against, or the result's
+/// content hash differs. The client sends the whole story instead.
+pub const PATCH_REJECTED: &str = "patch_rejected";
 
 /// Answer to `GET /version`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +158,9 @@ pub enum ServerMessage<Op = Operation> {
         version: u64,
         #[serde(default)]
         has_more: bool,
+        /// Extension: as [`FetchResponse::features`].
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     PushResponse {
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -443,6 +443,7 @@ impl<S: Storage> Session<'_, S> {
                     operations,
                     version: page.version,
                     has_more: page.has_more,
+                    features: Vec::new(),
                 })
             }
             Err(e) => {
