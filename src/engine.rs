@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 
 use mlua::{ffi, AnyUserData, Function, Lua, MultiValue, Table, UserData, Value as LuaValue};
 use sync_core::engine::{
-    content_hash, write_outcome, Conflict, ContentSource, Decision, Engine, EngineConfig,
-    FetchPage, Host, HostError, Outcome, Progress, PushReply, Storage, StoryEntry, StoryFilter,
-    SyncError, SyncReport, Transport,
+    content_hash, needs_content, write_outcome, Conflict, ContentSource, Decision, Engine,
+    EngineConfig, FetchPage, Host, HostError, Outcome, Progress, PushReply, Storage, StoryEntry,
+    StoryFilter, SyncError, SyncReport, Transport,
 };
+use sync_core::patch::PATCH;
 use sync_core::protocol::{now_seconds, ConflictStrategy, ConflictType, OpType, Operation};
 use sync_core::state::{status, StateManager, TransientStore};
 use sync_core::value::Value;
@@ -179,12 +180,6 @@ fn operation_list(lua: &Lua, ops: &[Operation], data: Table) -> mlua::Result<Tab
         Ok::<(), raw::ConvertErrorKind>(())
     })?;
     built_table(pushed)
-}
-
-/// Whether the operation's content comes from local storage at push time
-/// (queued creates and updates refer to it by hash).
-fn needs_content(op: &Operation) -> bool {
-    matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none()
 }
 
 fn built_table(pushed: Result<MultiValue, raw::ConvertErrorKind>) -> mlua::Result<Table> {
@@ -686,12 +681,19 @@ impl Transport for LuaTransport {
             result.get::<LuaValue>("has_more"),
             Ok(LuaValue::Boolean(true))
         );
+        let accepts_patches = match result.get::<LuaValue>("features") {
+            Ok(LuaValue::Table(features)) => features.sequence_values::<LuaValue>().flatten().any(
+                |f| matches!(f, LuaValue::String(name) if name.as_bytes() == PATCH.as_bytes()),
+            ),
+            _ => false,
+        };
         let after = self.traffic();
         Ok(FetchPage {
             operations,
             version,
             has_more,
             bytes_received: after.1.saturating_sub(before.1),
+            accepts_patches,
         })
     }
 

@@ -233,7 +233,7 @@ fn respond_with(lua: &Lua, fields: Vec<(&str, Value)>) -> mlua::Result<MultiValu
     success(lua, table)
 }
 
-/// `parse_fetch(status, body)` → `{operations, version, has_more}` or `nil, message`.
+/// `parse_fetch(status, body)` → `{operations, version, has_more, features?}` or `nil, message`.
 fn parse_fetch(lua: &Lua, (status, body): (LuaValue, LuaValue)) -> mlua::Result<MultiValue> {
     let mut map = match answer(&status, &body, &[200]) {
         Ok(map) => map,
@@ -248,14 +248,15 @@ fn parse_fetch(lua: &Lua, (status, body): (LuaValue, LuaValue)) -> mlua::Result<
     };
     let version = or_default(&mut map, "version", Value::Int(0));
     let has_more = or_default(&mut map, "has_more", Value::Bool(false));
-    respond_with(
-        lua,
-        vec![
-            ("operations", operations),
-            ("version", version),
-            ("has_more", has_more),
-        ],
-    )
+    let mut fields = vec![
+        ("operations", operations),
+        ("version", version),
+        ("has_more", has_more),
+    ];
+    if let Some(features @ Value::Array(_)) = map.remove("features") {
+        fields.push(("features", features));
+    }
+    respond_with(lua, fields)
 }
 
 /// `parse_push(status, body)` → `{success, conflicts, version}` or `nil, message`.

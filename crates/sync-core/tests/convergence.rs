@@ -1,7 +1,8 @@
 //! Convergence against the real reference server: three devices make random
 //! creates, edits (to random fields) and deletes, sync in random orders and
 //! stay offline for random stretches; after everyone syncs twice with no new
-//! edits, every replica holds the same stories. Once per strategy and seed,
+//! edits, every replica holds the same stories. Some stories are long enough
+//! for their edits to travel as patches. Once per strategy and seed,
 //! each seed in its own namespace (API key) on one server.
 //!
 //! `WHISKER_SYNC_SEEDS` sets the seeds per strategy (default 75; `make
@@ -19,7 +20,7 @@ use sync_core::engine::{
 use sync_core::protocol::ConflictStrategy;
 use sync_core::state::StateManager;
 use sync_core::transport::http::{HttpConfig, HttpTransport};
-use sync_core::value::Value;
+use sync_core::value::{Map, Value};
 
 /// Counts conflicts; as a manual resolver, keeps the larger version (by its
 /// JSON text), a rule every device applies alike.
@@ -97,12 +98,24 @@ impl Device {
             .map_err(|e| e.to_string())
     }
 
+    /// Sets one field of a story, creating it if needed. Even-numbered
+    /// stories carry a long text, so their edits travel as patches.
     fn edit(&mut self, story: &str, field: &str, value: i64) {
         let entry = self
             .storage
             .stories
             .entry(story.to_owned())
-            .or_insert_with(Value::empty_object);
+            .or_insert_with(|| {
+                let long = story.ends_with(['0', '2', '4']);
+                let mut fields = Map::new();
+                if long {
+                    fields.insert(
+                        "prose".to_owned(),
+                        Value::from("Once upon a time. ".repeat(300)),
+                    );
+                }
+                Value::Object(fields)
+            });
         if let Value::Object(fields) = entry {
             fields.insert(field.to_owned(), Value::Int(value));
         }

@@ -66,6 +66,7 @@ impl Transport for WsLink {
             version: page.version,
             has_more: page.has_more,
             bytes_received: 0,
+            accepts_patches: page.features.iter().any(|f| f == sync_core::patch::PATCH),
         })
     }
 

@@ -239,6 +239,7 @@ impl Transport for Scripted {
             version: since + 1,
             has_more: false,
             bytes_received: 0,
+            accepts_patches: false,
         })
     }
 

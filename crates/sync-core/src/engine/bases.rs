@@ -19,11 +19,14 @@ pub const SHARDS: u32 = 16;
 /// Prefix of base records; the shard number follows.
 pub const BASE_KEY_PREFIX: &str = "_whisker_sync_base_";
 
-/// Lazily loaded bases plus the changes of the current sync. A store that
-/// is not `enabled` records nothing (the strategy needs no bases).
+/// Lazily loaded bases plus the changes of the current sync. Which stories
+/// get one depends on what needs them: every story for three-way merges
+/// (`all`), the stories large enough to be pushed as patches once the server
+/// accepts patches (`patchable`), else none.
 #[derive(Debug, Default)]
 pub struct BaseStore {
-    enabled: bool,
+    all: bool,
+    patchable: bool,
     shards: BTreeMap<u32, Map>,
     updates: BTreeMap<String, Option<Value>>,
 }
@@ -45,11 +48,22 @@ fn store_error(action: &str, shard: u32, e: impl std::fmt::Display) -> SyncError
 }
 
 impl BaseStore {
-    pub fn new(enabled: bool) -> Self {
+    /// A store keeping the base of every story when `all`, else none yet.
+    pub fn new(all: bool) -> Self {
         BaseStore {
-            enabled,
+            all,
             ..BaseStore::default()
         }
+    }
+
+    /// Also keeps the bases of stories large enough to patch.
+    pub fn keep_patchable(&mut self) {
+        self.patchable = true;
+    }
+
+    /// Whether any story's base is kept (callers skip loading content otherwise).
+    pub fn is_recording(&self) -> bool {
+        self.all || self.patchable
     }
 
     fn shard<S: StateStore>(
@@ -87,7 +101,9 @@ impl BaseStore {
 
     /// Records the synced content of a story (`None`: it no longer exists).
     pub fn set(&mut self, id: &str, content: Option<Value>) {
-        if self.enabled {
+        let kept =
+            self.all || (self.patchable && content.as_ref().is_none_or(crate::patch::is_patchable));
+        if kept {
             self.updates.insert(id.to_owned(), content);
         }
     }

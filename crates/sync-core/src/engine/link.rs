@@ -4,6 +4,7 @@
 
 use tokio::runtime::Handle;
 
+use crate::patch::PATCH;
 use crate::state::operation_value;
 use crate::transport::http::HttpTransport;
 
@@ -54,6 +55,7 @@ impl Transport for HttpLink {
             version: page.version,
             has_more: page.has_more,
             bytes_received: self.transport.traffic().received - before.received,
+            accepts_patches: page.features.iter().any(|f| f == PATCH),
         })
     }
 

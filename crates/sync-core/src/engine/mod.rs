@@ -34,6 +34,7 @@ use sha2::{Digest, Sha256};
 use local::Local;
 use thiserror::Error;
 
+use crate::patch::{self, PATCH};
 use crate::protocol::{
     self, last_write_wins, now_seconds, ConflictStrategy, ConflictType, OpType, Operation, Side,
 };
@@ -41,7 +42,7 @@ use crate::state::{
     self as state_mod, Baseline, ErrorUpdate, StateError, StateManager, StateStore, SyncRecord,
 };
 use crate::value::{Map, Value};
-use crate::wire::{PushResponse, ServerConflict};
+use crate::wire::{PushResponse, ServerConflict, PATCH_REJECTED};
 
 pub use bases::BaseStore;
 pub use filter::{glob_match, story_tags, StoryFilter};
@@ -111,6 +112,8 @@ pub struct FetchPage {
     pub version: u64,
     pub has_more: bool,
     pub bytes_received: u64,
+    /// The server applies patched updates (its answer listed the `patch` feature).
+    pub accepts_patches: bool,
 }
 
 /// The server's answer to a push.
@@ -125,6 +128,17 @@ pub struct PushReply {
 }
 
 impl PushReply {
+    /// Folds in the answer to a second push that re-sent some of the
+    /// operations whole. This answer named conflicts, so it refused nothing
+    /// wholesale; the second one's verdict is the one that counts.
+    fn absorb(&mut self, resent: PushReply) {
+        self.success = resent.success;
+        self.conflicts.extend(resent.conflicts);
+        self.accepted.extend(resent.accepted);
+        self.bytes_sent += resent.bytes_sent;
+        self.bytes_received += resent.bytes_received;
+    }
+
     /// The reply for a server's answer, with the bytes the push moved.
     pub fn from_response(answer: PushResponse, bytes_sent: u64, bytes_received: u64) -> Self {
         PushReply {
@@ -144,16 +158,24 @@ impl PushReply {
 /// Provides a story's current content, for [`Transport::push`].
 pub type ContentSource<'a> = dyn FnMut(&str) -> Result<Option<Value>, HostError> + 'a;
 
-/// `operations` ready for the wire: each create or update without `data`
-/// gets its story's current content from `content`, and one whose story is
-/// gone becomes a delete (what [`Transport::push`] promises).
+/// Whether a create or update goes out with its story's current local
+/// content: it carries neither `data` nor a patch.
+pub fn needs_content(op: &Operation) -> bool {
+    matches!(op.op_type, OpType::Create | OpType::Update)
+        && op.data.is_none()
+        && !op.extra.contains_key(PATCH)
+}
+
+/// `operations` ready for the wire: each create or update that
+/// [`needs_content`] gets its story's current content from `content`, and
+/// one whose story is gone becomes a delete (what [`Transport::push`] promises).
 pub fn with_content(
     operations: &[Operation],
     content: &mut ContentSource<'_>,
 ) -> Result<Vec<Operation>, HostError> {
     let mut operations = operations.to_vec();
     for op in &mut operations {
-        if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
+        if needs_content(op) {
             op.data = content(&op.story_id)?;
             if op.data.is_none() {
                 op.op_type = OpType::Delete;
@@ -166,10 +188,10 @@ pub fn with_content(
 /// The server.
 pub trait Transport {
     fn fetch(&mut self, device_id: &str, since: u64) -> Result<FetchPage, HostError>;
-    /// Pushes operations. A create or update without `data` carries the
-    /// story's current local content: `content` provides it (a transport that
-    /// reaches the stories itself may read them its own way); one whose story
-    /// is gone is sent as a delete.
+    /// Pushes operations. A create or update that [`needs_content`] carries
+    /// the story's current local content: `content` provides it (a transport
+    /// that reaches the stories itself may read them its own way); one whose
+    /// story is gone is sent as a delete.
     fn push(
         &mut self,
         device_id: &str,
@@ -509,6 +531,8 @@ struct Round {
     held: BTreeMap<String, Value>,
     conflicts_changed: bool,
     server_version: u64,
+    /// The server said it applies patched updates.
+    accepts_patches: bool,
     report: SyncReport,
 }
 
@@ -656,6 +680,7 @@ impl Engine {
             } else {
                 state.server_version()
             },
+            accepts_patches: false,
             report: SyncReport {
                 exchanged: true,
                 ..SyncReport::default()
@@ -672,6 +697,9 @@ impl Engine {
         let mut unresolved_push: Vec<ServerConflict> = Vec::new();
         for _ in 0..MAX_PUSH_ROUNDS {
             let remote = self.fetch_all(transport, &mut round, host)?;
+            if round.accepts_patches {
+                bases.keep_patchable();
+            }
             self.reconcile(
                 remote, storage, state, &mut bases, &mut local, &mut round, host,
             )?;
@@ -871,6 +899,7 @@ impl Engine {
                 }
             }
             since = page.version;
+            round.accepts_patches = page.accepts_patches;
             host.progress(Progress {
                 step: Step::FetchingRemote,
                 done: operations.len(),
@@ -1155,7 +1184,7 @@ impl Engine {
         &self,
         transport: &mut dyn Transport,
         storage: &mut dyn Storage,
-        state: &StateManager<S>,
+        state: &mut StateManager<S>,
         bases: &mut BaseStore,
         local: &mut Local,
         round: &mut Round,
@@ -1171,7 +1200,10 @@ impl Engine {
             if round.held.contains_key(&id) {
                 continue;
             }
-            let baseline = round.baseline(state, &id).map(|b| b.version);
+            let (baseline, base_hash) = match round.baseline(state, &id) {
+                Some(b) => (Some(b.version), Some(b.hash.clone())),
+                None => (None, None),
+            };
             let never_pushed = baseline.is_none()
                 && round
                     .latest_pending(&id)
@@ -1208,6 +1240,11 @@ impl Engine {
             };
             // The queue's own field; the transport sends the content itself.
             op.extra.remove(CONTENT_HASH);
+            if let (true, OpType::Update, Some(base_hash)) =
+                (round.accepts_patches, op.op_type, base_hash)
+            {
+                patch_update(&mut op, storage, state, bases, local, &base_hash)?;
+            }
             outgoing.push(op);
             hashes.push(hash);
         }
@@ -1224,13 +1261,26 @@ impl Engine {
                 .content(storage, id)
                 .map_err(|e| HostError(e.to_string()))
         };
-        let reply = transport.push(&self.config.device_id, &outgoing, &mut content);
+        let mut reply = transport.push(&self.config.device_id, &outgoing, &mut content);
+        let mut resend_refused = false;
+        if let Ok(first) = &mut reply {
+            let unpatched = unpatch_rejected(first, &mut outgoing);
+            if !unpatched.is_empty() {
+                match transport.push(&self.config.device_id, &unpatched, &mut content) {
+                    Ok(second) => {
+                        resend_refused = !second.success && second.conflicts.is_empty();
+                        first.absorb(second);
+                    }
+                    Err(e) => reply = Err(e),
+                }
+            }
+        }
         let conflicted: BTreeSet<String> = match &reply {
             Ok(reply) => reply.conflicts.iter().map(|c| c.id.clone()).collect(),
             Err(_) => BTreeSet::new(),
         };
         let rejected = match &reply {
-            Ok(reply) => !reply.success && reply.conflicts.is_empty(),
+            Ok(reply) => resend_refused || (!reply.success && reply.conflicts.is_empty()),
             Err(_) => true,
         };
         let accepted: std::collections::HashMap<&str, u64> = match &reply {
@@ -1244,6 +1294,8 @@ impl Engine {
         let total = outgoing.len();
         for (mut op, hash) in outgoing.into_iter().zip(hashes) {
             if rejected || conflicted.contains(&op.story_id) {
+                // Made against the base of this push; the next one makes its own.
+                op.extra.remove(PATCH);
                 if let (OpType::Create | OpType::Update, Some(hash)) = (op.op_type, &hash) {
                     op.extra
                         .insert(CONTENT_HASH.to_owned(), Value::Str(hash.clone()));
@@ -1272,7 +1324,7 @@ impl Engine {
                     updated_at: None,
                 }),
             );
-            if self.keeps_bases() {
+            if bases.is_recording() {
                 bases.set(&op.story_id, local.content(storage, &op.story_id)?);
             }
             round.report.pushed += 1;
@@ -1290,6 +1342,59 @@ impl Engine {
         });
         Ok(reply.conflicts)
     }
+}
+
+/// Turns a queued update into a patched one (see [`crate::patch`]) when this
+/// device holds the synced version the server has (`base_hash` is its content
+/// hash) and a patch is worth it; otherwise leaves it whole.
+fn patch_update<S: StateStore>(
+    op: &mut Operation,
+    storage: &mut dyn Storage,
+    state: &mut StateManager<S>,
+    bases: &mut BaseStore,
+    local: &mut Local,
+    base_hash: &str,
+) -> Result<(), SyncError> {
+    let Some(base) = bases.get(state, &op.story_id, base_hash)? else {
+        return Ok(());
+    };
+    let Some(content) = local.content(storage, &op.story_id)? else {
+        return Ok(());
+    };
+    if let Some(patch) = patch::worthwhile(&base, &content) {
+        op.extra.insert(PATCH.to_owned(), patch);
+        op.extra.insert(
+            CONTENT_HASH.to_owned(),
+            Value::Str(content_hash(Some(&content))),
+        );
+    }
+    Ok(())
+}
+
+/// Takes the server's `patch_rejected` conflicts out of `reply` and returns
+/// those operations without their patches, to be sent again whole.
+fn unpatch_rejected(reply: &mut PushReply, outgoing: &mut [Operation]) -> Vec<Operation> {
+    let refused: BTreeSet<String> = reply
+        .conflicts
+        .iter()
+        .filter(|c| c.conflict_type == PATCH_REJECTED)
+        .map(|c| c.id.clone())
+        .collect();
+    if refused.is_empty() {
+        return Vec::new();
+    }
+    reply
+        .conflicts
+        .retain(|c| c.conflict_type != PATCH_REJECTED);
+    outgoing
+        .iter_mut()
+        .filter(|op| refused.contains(&op.story_id))
+        .map(|op| {
+            op.extra.remove(PATCH);
+            op.extra.remove(CONTENT_HASH);
+            op.clone()
+        })
+        .collect()
 }
 
 /// Saves a story's content, or deletes it when `None`.

@@ -19,6 +19,12 @@ struct Server {
     lose_next_answer: bool,
     /// Operations the next fetch returns verbatim (to test validation).
     inject: Vec<Value>,
+    /// Advertise and apply patched updates, as the reference server does.
+    applies_patches: bool,
+    /// Answer every patch with `patch_rejected` (the server's copy differs).
+    refuses_patches: bool,
+    /// Every operation pushed, as it arrived.
+    received: Vec<Operation>,
 }
 
 impl Server {
@@ -28,6 +34,24 @@ impl Server {
             .rev()
             .find(|op| op.story_id == story)
             .and_then(|op| op.version)
+    }
+
+    /// The whole update a patched one stands for, when it applies to the
+    /// story's latest version and gives the content hash it claims.
+    fn unpatched(&self, op: &Operation) -> Option<Operation> {
+        let latest = self.log.iter().rev().find(|s| s.story_id == op.story_id)?;
+        if self.refuses_patches || latest.version != op.base_version {
+            return None;
+        }
+        let data = crate::patch::apply(latest.data.as_ref()?, op.extra.get(PATCH)?).ok()?;
+        let claimed = op.extra.get(CONTENT_HASH)?.as_str()?;
+        (content_hash(Some(&data)) == claimed).then(|| {
+            let mut whole = op.clone();
+            whole.extra.remove(PATCH);
+            whole.extra.remove(CONTENT_HASH);
+            whole.data = Some(data);
+            whole
+        })
     }
 }
 
@@ -63,6 +87,7 @@ impl Transport for Link {
             version,
             has_more: newer.len() > page.len(),
             bytes_received: 0,
+            accepts_patches: server.applies_patches,
         })
     }
 
@@ -78,9 +103,26 @@ impl Transport for Link {
             ..PushReply::default()
         };
         for op in operations {
+            server.received.push(op.clone());
             let mut op = op.clone();
-            if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
+            if needs_content(&op) {
                 op.data = content(&op.story_id)?;
+            }
+            if op.extra.contains_key(PATCH) {
+                match server.unpatched(&op) {
+                    Some(whole) => op = whole,
+                    None => {
+                        reply.success = false;
+                        reply.conflicts.push(ServerConflict {
+                            id: op.story_id.clone(),
+                            conflict_type: PATCH_REJECTED.into(),
+                            op_id: Some(op.id.clone()),
+                            server_version: server.latest_version(&op.story_id),
+                            extra: Map::new(),
+                        });
+                        continue;
+                    }
+                }
             }
             let op = &op;
             if let Some(stored) = server.log.iter().find(|s| s.id == op.id) {
@@ -680,4 +722,126 @@ fn edits_by_another_process_are_found_by_updated_at_and_unchanged_stories_are_no
         "found on the very next sync, without an event"
     );
     assert_eq!(s.borrow().log.last().unwrap().story_id, "s7");
+}
+
+/// A story of `passages` passages of about 190 bytes each, the `edited` one
+/// (if any) rewritten.
+fn long_story(passages: usize, edited: Option<usize>) -> String {
+    let list: Vec<String> = (0..passages)
+        .map(|p| {
+            let text = if Some(p) == edited {
+                "One passage rewritten.".to_owned()
+            } else {
+                format!("Passage {p} of the long story. ").repeat(5)
+            };
+            format!(r#"{{"name":"P{p}","text":"{text}"}}"#)
+        })
+        .collect();
+    format!(r#"{{"title":"Epic","passages":[{}]}}"#, list.join(","))
+}
+
+fn patching_server() -> Rc<RefCell<Server>> {
+    let s = server();
+    s.borrow_mut().applies_patches = true;
+    s
+}
+
+#[test]
+fn an_edited_large_story_goes_out_as_a_patch_and_arrives_whole() {
+    let s = patching_server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("epic", &long_story(200, None));
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.write("epic", &long_story(200, Some(120)));
+    assert_eq!(a.sync().unwrap().pushed, 1);
+
+    let sent = s.borrow().received.last().cloned().unwrap();
+    assert_eq!(sent.data, None);
+    let patch = serde_json::to_string(&sent.extra[PATCH]).unwrap();
+    assert_eq!(
+        patch,
+        r#"[{"op":"replace","path":"/passages/120/text","value":"One passage rewritten."}]"#
+    );
+    assert_eq!(b.sync().unwrap().applied, 1);
+    assert_eq!(b.story("epic"), a.story("epic"));
+
+    // The receiving device kept the base too: its own edit goes as a patch.
+    b.write("epic", &long_story(200, Some(7)));
+    b.sync().unwrap();
+    assert!(s
+        .borrow()
+        .received
+        .last()
+        .unwrap()
+        .extra
+        .contains_key(PATCH));
+    a.sync().unwrap();
+    assert_eq!(a.story("epic"), b.story("epic"));
+}
+
+#[test]
+fn a_refused_patch_is_sent_again_whole_in_the_same_sync() {
+    let s = patching_server();
+    let mut a = Device::new("a", &s, ConflictStrategy::LastWriteWins);
+    a.write("epic", &long_story(200, None));
+    a.sync().unwrap();
+    s.borrow_mut().refuses_patches = true;
+    a.write("epic", &long_story(200, Some(3)));
+    let report = a.sync().unwrap();
+    assert_eq!(report.pushed, 1);
+    let server = s.borrow();
+    let [.., patched, whole] = server.received.as_slice() else {
+        panic!("expected two pushes");
+    };
+    assert!(patched.extra.contains_key(PATCH));
+    assert!(!whole.extra.contains_key(PATCH) && !whole.extra.contains_key(CONTENT_HASH));
+    assert_eq!(
+        server
+            .log
+            .last()
+            .unwrap()
+            .data
+            .as_ref()
+            .unwrap()
+            .to_canonical_json()
+            .unwrap(),
+        a.story("epic").unwrap()
+    );
+    drop(server);
+    assert!(a.state.pending_operations().is_empty());
+}
+
+#[test]
+fn small_stories_and_servers_without_the_feature_get_whole_stories() {
+    let s = patching_server();
+    let mut a = Device::new("a", &s, ConflictStrategy::LastWriteWins);
+    a.write("note", r#"{"title":"Short"}"#);
+    a.sync().unwrap();
+    a.write("note", r#"{"title":"Still short"}"#);
+    a.sync().unwrap();
+    assert!(!s
+        .borrow()
+        .received
+        .last()
+        .unwrap()
+        .extra
+        .contains_key(PATCH));
+
+    let plain = server();
+    let mut c = Device::new("c", &plain, ConflictStrategy::LastWriteWins);
+    c.write("epic", &long_story(200, None));
+    c.sync().unwrap();
+    c.write("epic", &long_story(200, Some(1)));
+    c.sync().unwrap();
+    assert!(!plain
+        .borrow()
+        .received
+        .last()
+        .unwrap()
+        .extra
+        .contains_key(PATCH));
 }

@@ -389,7 +389,8 @@ end
 --- Fetches operations after a version.
 -- @param device_id this device's id
 -- @param since_version last server version seen (default 0)
--- @return `{operations, version, has_more}`, or nil and a message
+-- @return `{operations, version, has_more, features}` (`features`: what the
+-- server offers beyond the old protocol, when it says), or nil and a message
 function WebSocketTransport:fetch_operations(device_id, since_version)
   if not device_id then
     return nil, "device_id is required"
@@ -409,6 +410,7 @@ function WebSocketTransport:fetch_operations(device_id, since_version)
     operations = response.operations,
     version = response.version,
     has_more = response.has_more or false,
+    features = response.features,
   }
 end
 
