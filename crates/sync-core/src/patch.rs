@@ -40,10 +40,16 @@ pub fn diff(base: &Value, target: &Value) -> Vec<Value> {
 }
 
 /// The patch turning `base` into `target` when it is worth sending: `target`
-/// is at least [`MIN_STORY_BYTES`] of JSON and the patch at most half its size.
+/// is at least [`MIN_STORY_BYTES`] of JSON and the patch at most half its
+/// size. Never an empty patch: Lua encoders write an empty table as `{}`,
+/// which is not a patch, so an unchanged story goes whole.
 pub fn worthwhile(base: &Value, target: &Value) -> Option<Value> {
     let full = json_len(target).filter(|len| *len >= MIN_STORY_BYTES)?;
-    let patch = Value::Array(diff(base, target));
+    let operations = diff(base, target);
+    if operations.is_empty() {
+        return None;
+    }
+    let patch = Value::Array(operations);
     json_len(&patch)
         .is_some_and(|len| len * 2 <= full)
         .then_some(patch)
@@ -257,6 +263,7 @@ mod tests {
     fn small_stories_and_large_rewrites_go_whole() {
         let small = json(r#"{"title":"a"}"#);
         assert_eq!(worthwhile(&small, &json(r#"{"title":"b"}"#)), None);
+        assert_eq!(worthwhile(&story(100), &story(100)), None);
         assert_eq!(worthwhile(&story(100), &written(100, "Rewritten. ")), None);
         assert!(is_patchable(&story(100)));
         assert!(!is_patchable(&small));
