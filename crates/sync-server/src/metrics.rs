@@ -22,6 +22,8 @@ pub struct Metrics {
     pub operations_accepted: AtomicU64,
     pub operations_duplicate: AtomicU64,
     pub conflicts: AtomicU64,
+    pub patches_applied: AtomicU64,
+    pub patches_rejected: AtomicU64,
     pub pushes: AtomicU64,
     pub websocket_connections: AtomicI64,
     pub websocket_messages: AtomicU64,
@@ -108,7 +110,7 @@ impl Metrics {
                 h.count
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 6] = [
+        let counters: [(&str, &str, &AtomicU64); 8] = [
             (
                 "whisker_sync_pushes_total",
                 "Pushes processed (HTTP and WebSocket).",
@@ -128,6 +130,16 @@ impl Metrics {
                 "whisker_sync_conflicts_total",
                 "Pushed operations rejected as conflicts.",
                 &self.conflicts,
+            ),
+            (
+                "whisker_sync_patches_applied_total",
+                "Patched updates applied and stored as full updates.",
+                &self.patches_applied,
+            ),
+            (
+                "whisker_sync_patches_rejected_total",
+                "Patched updates refused as patch_rejected.",
+                &self.patches_rejected,
             ),
             (
                 "whisker_sync_websocket_messages_total",

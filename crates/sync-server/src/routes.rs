@@ -26,7 +26,7 @@ use crate::compression;
 use crate::error::AppError;
 use crate::keys;
 use crate::metrics::track;
-use crate::state::{push_response, AppState};
+use crate::state::{features, push_response, AppState};
 use crate::store::{NamespaceId, Storage};
 use crate::validate::{self, whole_number};
 use crate::ws;
@@ -136,6 +136,7 @@ struct FetchBody {
     operations: Vec<Box<RawValue>>,
     version: u64,
     has_more: bool,
+    features: Vec<String>,
 }
 
 async fn fetch_operations<S: Storage>(
@@ -170,6 +171,7 @@ async fn fetch_operations<S: Storage>(
         operations: page.operations.into_iter().map(|op| op.json).collect(),
         version: page.version,
         has_more: page.has_more,
+        features: features(),
     }))
 }
 

@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use sync_core::patch::PATCH;
 use sync_core::protocol::now_seconds;
 use sync_core::wire::{AcceptedOperation, PushResponse};
 use sync_core::{Map, Value};
@@ -78,6 +79,12 @@ impl<S: Storage> AppState<S> {
         metrics
             .conflicts
             .fetch_add(outcome.conflicts.len() as u64, Ordering::Relaxed);
+        metrics
+            .patches_applied
+            .fetch_add(outcome.patches_applied, Ordering::Relaxed);
+        metrics
+            .patches_rejected
+            .fetch_add(outcome.patches_rejected, Ordering::Relaxed);
         let sent = self.hub.publish(ns, origin, &device_id, &outcome.stored);
         metrics
             .remote_changes_sent
@@ -123,6 +130,11 @@ impl<S: Storage> AppState<S> {
             .fetch_add(sent, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// What this server does beyond the old protocol, listed in every fetch answer.
+pub fn features() -> Vec<String> {
+    vec![PATCH.to_owned()]
 }
 
 /// The push answer: the old `{success, conflicts, version}` plus `accepted`.

@@ -2,8 +2,10 @@
 
 use axum::http::StatusCode;
 use serde::Deserialize;
+use sync_core::engine::CONTENT_HASH;
+use sync_core::patch::PATCH;
 use sync_core::wire::operation_list;
-use sync_core::Operation;
+use sync_core::{OpType, Operation, Value};
 use thiserror::Error;
 
 use crate::config::Limits;
@@ -102,7 +104,30 @@ fn check_operation(op: &Operation, limits: &Limits) -> Result<(), String> {
             limits.max_id_bytes
         ));
     }
-    check_story_id(&op.story_id, limits.max_story_id_bytes)
+    check_story_id(&op.story_id, limits.max_story_id_bytes)?;
+    match op.extra.get(PATCH) {
+        Some(patch) => check_patched(op, patch),
+        None => Ok(()),
+    }
+}
+
+/// The shape of a patched update; whether its patch applies is decided when
+/// it is stored.
+fn check_patched(op: &Operation, patch: &Value) -> Result<(), String> {
+    let problem = if op.op_type != OpType::Update {
+        "patch is only allowed on update operations"
+    } else if op.data.is_some() {
+        "an update with a patch must not also carry data"
+    } else if op.base_version.is_none() {
+        "an update with a patch needs base_version"
+    } else if !matches!(patch, Value::Array(_)) {
+        "patch must be an array"
+    } else if !matches!(op.extra.get(CONTENT_HASH), Some(Value::Str(_))) {
+        "an update with a patch needs a string content_hash"
+    } else {
+        return Ok(());
+    };
+    Err(problem.to_owned())
 }
 
 /// Story ids become file names on clients, so anything that could escape a
@@ -234,6 +259,48 @@ mod tests {
                 .contains("operation 0: missing field `timestamp`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn patched_updates_must_be_well_formed() {
+        let push = |op: &str| {
+            let body = format!(r#"{{"device_id":"d","operations":[{op}]}}"#);
+            parse_push(body.as_bytes(), &Limits::default()).map(|_| ())
+        };
+        assert_eq!(
+            push(
+                r#"{"id":"a","type":"update","story_id":"s","timestamp":1,"base_version":3,
+                    "patch":[],"content_hash":"h"}"#
+            ),
+            Ok(())
+        );
+        for (op, reason) in [
+            (
+                r#"{"id":"a","type":"create","story_id":"s","timestamp":1,"base_version":3,"patch":[],"content_hash":"h"}"#,
+                "patch is only allowed on update operations",
+            ),
+            (
+                r#"{"id":"a","type":"update","story_id":"s","timestamp":1,"base_version":3,"patch":[],"content_hash":"h","data":{}}"#,
+                "an update with a patch must not also carry data",
+            ),
+            (
+                r#"{"id":"a","type":"update","story_id":"s","timestamp":1,"patch":[],"content_hash":"h"}"#,
+                "an update with a patch needs base_version",
+            ),
+            (
+                r#"{"id":"a","type":"update","story_id":"s","timestamp":1,"base_version":3,"patch":{},"content_hash":"h"}"#,
+                "patch must be an array",
+            ),
+            (
+                r#"{"id":"a","type":"update","story_id":"s","timestamp":1,"base_version":3,"patch":[]}"#,
+                "an update with a patch needs a string content_hash",
+            ),
+        ] {
+            assert_eq!(
+                push(op).unwrap_err().to_string(),
+                format!("operation 0: {reason}")
+            );
+        }
     }
 
     #[test]

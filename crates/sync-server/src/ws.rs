@@ -33,7 +33,7 @@ use tokio::time::{timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{ConnectionId, DeviceCell, Outbound};
-use crate::state::{push_response, AppState};
+use crate::state::{features, push_response, AppState};
 use crate::store::{NamespaceId, Storage};
 use crate::validate::{self, check_depth, InvalidInput};
 
@@ -443,7 +443,7 @@ impl<S: Storage> Session<'_, S> {
                     operations,
                     version: page.version,
                     has_more: page.has_more,
-                    features: Vec::new(),
+                    features: features(),
                 })
             }
             Err(e) => {

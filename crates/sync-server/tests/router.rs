@@ -1,14 +1,23 @@
-//! In-process router tests: the axum router over a SQLite store, no sockets.
+//! In-process router tests: the axum router over a SQLite store, called
+//! directly, or served on loopback for WebSocket sessions.
+
+use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use sync_core::engine::content_hash;
+use sync_core::patch::worthwhile;
 use sync_server::config::{Limits, Settings};
 use sync_server::keys;
 use sync_server::store::{SqliteDurability, SqliteStore, Storage};
 use sync_server::{router, AppState};
 use tempfile::TempDir;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tower::ServiceExt;
 
 const KEY: &str = "router-key-0123456789";
@@ -141,4 +150,265 @@ async fn cors_for_configured_origins() {
     assert!(!response
         .headers()
         .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
+}
+
+/// A story of 500 passages (about 130 KB of JSON); passage 249 reads `text`.
+fn epic(text: &str) -> Value {
+    let passages: Vec<Value> = (0..500)
+        .map(|p| {
+            json!({
+                "name": format!("Passage {p}"),
+                "text": if p == 249 { text.to_owned() } else { "Words of the passage. ".repeat(8) },
+                "links": [format!("Passage {}", p + 1)],
+            })
+        })
+        .collect();
+    json!({"title": "Epic", "passages": passages})
+}
+
+fn core_value(value: &Value) -> sync_core::Value {
+    serde_json::from_value(value.clone()).expect("plain JSON")
+}
+
+fn hash(story: &Value) -> String {
+    content_hash(Some(&core_value(story)))
+}
+
+fn create(id: &str, story: &Value) -> Value {
+    json!({"id": id, "type": "create", "story_id": "epic", "data": story, "timestamp": 5})
+}
+
+/// An update of `epic` from `from` to `to`, sent as a patch made on `base`.
+fn patched(id: &str, base: u64, from: &Value, to: &Value) -> Value {
+    let patch = worthwhile(&core_value(from), &core_value(to))
+        .expect("one edited passage of a large story is worth patching");
+    json!({"id": id, "type": "update", "story_id": "epic", "base_version": base,
+           "patch": patch, "content_hash": hash(to), "timestamp": 6})
+}
+
+fn push_body(device: &str, ops: &[Value]) -> String {
+    json!({"device_id": device, "operations": ops}).to_string()
+}
+
+async fn metrics_text(app: &Router) -> String {
+    let request = Request::get("/metrics")
+        .body(Body::empty())
+        .expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let bytes = to_bytes(response.into_body(), 1 << 20).await.expect("body");
+    String::from_utf8(bytes.to_vec()).expect("UTF-8")
+}
+
+#[tokio::test]
+async fn patched_update_over_http_reaches_other_devices_whole() {
+    let (app, _dir) = app(Settings::default()).await;
+    let (v1, v2) = (epic("Once."), epic("Once, rewritten."));
+    let (status, pushed) = call(&app, post(push_body("a", &[create("full", &v1)]))).await;
+    assert_eq!(
+        (status, pushed["version"].clone()),
+        (StatusCode::OK, json!(1))
+    );
+    let (_, fetched) = call(&app, get("/operations?device=b&since=0")).await;
+    assert_eq!(fetched["features"], json!(["patch"]));
+    assert_eq!(fetched["operations"][0]["data"], v1);
+
+    let patch = patched("p1", 1, &v1, &v2);
+    assert!(patch.to_string().len() < 400, "{patch}");
+    let (status, pushed) = call(&app, post(push_body("a", std::slice::from_ref(&patch)))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(pushed["success"], true);
+    assert_eq!(pushed["accepted"], json!([{"op_id": "p1", "version": 2}]));
+
+    let (_, fetched) = call(&app, get("/operations?device=b&since=1")).await;
+    assert_eq!(fetched["features"], json!(["patch"]));
+    let update = &fetched["operations"][0];
+    assert_eq!(update["data"], v2);
+    assert_eq!(
+        (
+            update["type"].clone(),
+            update["version"].clone(),
+            update["base_version"].clone()
+        ),
+        (json!("update"), json!(2), json!(1))
+    );
+    assert!(update.get("patch").is_none() && update.get("content_hash").is_none());
+
+    // Re-sent after a lost answer: acknowledged with its version, not applied again.
+    let (_, again) = call(&app, post(push_body("a", &[patch]))).await;
+    assert_eq!(again["accepted"], json!([{"op_id": "p1", "version": 2}]));
+
+    let mut wrong_hash = patched("p2", 2, &v2, &epic("Twice."));
+    wrong_hash["content_hash"] = json!(hash(&v1));
+    let (status, refused) = call(&app, post(push_body("a", &[wrong_hash]))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            refused["success"].clone(),
+            refused["version"].clone(),
+            refused["accepted"].clone()
+        ),
+        (json!(false), json!(2), json!([]))
+    );
+    assert_eq!(
+        refused["conflicts"],
+        json!([{"id": "epic", "type": "patch_rejected", "op_id": "p2", "server_version": 2}])
+    );
+    let (_, fetched) = call(&app, get("/operations?device=b&since=0")).await;
+    assert_eq!(fetched["version"], 2);
+    assert_eq!(fetched["operations"][0]["data"], v2);
+
+    let metrics = metrics_text(&app).await;
+    assert!(
+        metrics.contains("whisker_sync_patches_applied_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("whisker_sync_patches_rejected_total 1\n"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_patched_updates_answer_400_and_store_nothing() {
+    let (app, _dir) = app(Settings::default()).await;
+    let (v1, v2) = (epic("Once."), epic("Once, rewritten."));
+    let mut on_create = patched("p", 1, &v1, &v2);
+    on_create["type"] = json!("create");
+    let mut with_data = patched("p", 1, &v1, &v2);
+    with_data["data"] = v2.clone();
+    let mut without_base = patched("p", 1, &v1, &v2);
+    without_base
+        .as_object_mut()
+        .expect("object")
+        .remove("base_version");
+    let mut object_patch = patched("p", 1, &v1, &v2);
+    object_patch["patch"] = json!({"op": "replace", "path": "/title", "value": "x"});
+    let mut numeric_hash = patched("p", 1, &v1, &v2);
+    numeric_hash["content_hash"] = json!(7);
+    for (op, reason) in [
+        (on_create, "patch is only allowed on update operations"),
+        (with_data, "an update with a patch must not also carry data"),
+        (without_base, "an update with a patch needs base_version"),
+        (object_patch, "patch must be an array"),
+        (
+            numeric_hash,
+            "an update with a patch needs a string content_hash",
+        ),
+    ] {
+        let body = push_body("a", &[create("full", &v1), op]);
+        assert_eq!(
+            call(&app, post(body)).await,
+            (
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("operation 1: {reason}")})
+            )
+        );
+    }
+    let (_, version) = call(&app, get("/version")).await;
+    assert_eq!(version, json!({"version": 0}));
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn authenticated(url: &str, device: &str) -> Socket {
+    let (mut socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    send(
+        &mut socket,
+        json!({"type": "auth", "api_key": KEY, "device_id": device}),
+    )
+    .await;
+    assert_eq!(receive(&mut socket).await["type"], "auth_ok");
+    socket
+}
+
+async fn send(socket: &mut Socket, message: Value) {
+    socket
+        .send(Message::text(message.to_string()))
+        .await
+        .expect("send");
+}
+
+/// The next JSON message, control frames skipped.
+async fn receive(socket: &mut Socket) -> Value {
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a message within 10 s");
+        match next {
+            Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).expect("JSON"),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn patched_update_over_websocket_fans_out_whole() {
+    let (app, _dir) = app(Settings::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let url = format!("ws://{}/ws", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut writer = authenticated(&url, "a").await;
+    let mut reader = authenticated(&url, "b").await;
+    let (v1, v2) = (epic("Once."), epic("Once, rewritten."));
+
+    send(
+        &mut writer,
+        json!({"type": "push_operations", "request_id": 1, "device_id": "a",
+                             "operations": [create("full", &v1)]}),
+    )
+    .await;
+    assert_eq!(receive(&mut writer).await["version"], 1);
+    assert_eq!(receive(&mut reader).await["operation"]["data"], v1);
+    send(
+        &mut writer,
+        json!({"type": "sync_request", "request_id": 2, "device_id": "a", "since_version": 0}),
+    )
+    .await;
+    let synced = receive(&mut writer).await;
+    assert_eq!(synced["type"], "sync_response");
+    assert_eq!(synced["features"], json!(["patch"]));
+
+    send(
+        &mut writer,
+        json!({"type": "push_operations", "request_id": 3, "device_id": "a",
+                             "operations": [patched("p1", 1, &v1, &v2)]}),
+    )
+    .await;
+    let pushed = receive(&mut writer).await;
+    assert_eq!(pushed["accepted"], json!([{"op_id": "p1", "version": 2}]));
+    let change = receive(&mut reader).await;
+    assert_eq!(change["type"], "remote_change");
+    assert_eq!(change["operation"]["data"], v2);
+    assert!(change["operation"].get("patch").is_none());
+    assert!(change["operation"].get("content_hash").is_none());
+
+    // Made on a copy that missed the previous edit: it applies, but the
+    // result is not the story the client holds.
+    let mut renamed = v1.clone();
+    renamed["title"] = json!("Epic II");
+    let stale_content = patched("p2", 2, &v1, &renamed);
+    send(
+        &mut writer,
+        json!({"type": "push_operations", "request_id": 4, "device_id": "a",
+                             "operations": [stale_content]}),
+    )
+    .await;
+    let refused = receive(&mut writer).await;
+    assert_eq!(
+        refused["conflicts"],
+        json!([{"id": "epic", "type": "patch_rejected", "op_id": "p2", "server_version": 2}])
+    );
+    send(
+        &mut reader,
+        json!({"type": "sync_request", "request_id": 5, "device_id": "b", "since_version": 0}),
+    )
+    .await;
+    let synced = receive(&mut reader).await;
+    assert_eq!(synced["operations"][0]["data"], v2);
+    assert_eq!(synced["version"], 2);
 }

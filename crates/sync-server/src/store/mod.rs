@@ -19,9 +19,12 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 
+use serde::Deserialize;
 use serde_json::value::RawValue;
-use sync_core::wire::{AcceptedOperation, ServerConflict};
-use sync_core::{Map, OpType, Operation};
+use sync_core::engine::{content_hash, CONTENT_HASH};
+use sync_core::patch::{self, PATCH};
+use sync_core::wire::{AcceptedOperation, ServerConflict, PATCH_REJECTED};
+use sync_core::{Map, OpType, Operation, Value};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
@@ -96,6 +99,10 @@ pub struct PushOutcome {
     pub stored: Vec<StoredOp>,
     /// The namespace's sequence number after the push.
     pub version: u64,
+    /// Patched updates stored as full updates.
+    pub patches_applied: u64,
+    /// Patched updates refused as `patch_rejected`.
+    pub patches_rejected: u64,
 }
 
 /// Which page of operations a fetch asks for.
@@ -226,6 +233,8 @@ pub struct PushPlan {
     pub conflicts: Vec<ServerConflict>,
     /// The namespace's sequence number once the rows are in.
     pub version: u64,
+    pub patches_applied: u64,
+    pub patches_rejected: u64,
 }
 
 impl PushPlan {
@@ -246,6 +255,8 @@ impl PushPlan {
             conflicts: self.conflicts,
             stored,
             version: self.version,
+            patches_applied: self.patches_applied,
+            patches_rejected: self.patches_rejected,
         })
     }
 }
@@ -256,12 +267,27 @@ struct StoryInPush {
     last_state_row: Option<usize>,
     last_metadata_row: Option<usize>,
     supersede: Option<Supersede>,
-    rejected: bool,
+    /// The conflict type that stopped the story: every later operation on it
+    /// in this push is refused the same way (they build on the refused one).
+    rejected: Option<&'static str>,
+}
+
+impl StoryInPush {
+    fn has_rows(&self) -> bool {
+        self.last_state_row.is_some() || self.last_metadata_row.is_some()
+    }
+}
+
+/// Whether an operation carries a patch instead of its story's content.
+pub(crate) fn is_patched(op: &Operation) -> bool {
+    op.extra.contains_key(PATCH)
 }
 
 /// Decides what a push stores, given the namespace's sequence number and what
 /// the database already holds: `existing` maps the push's operation ids that
-/// are already stored, `heads` maps its stories to their latest sequence number.
+/// are already stored, `heads` maps its stories to their latest sequence number,
+/// and `patch_bases` maps each story with a patched operation to its live
+/// create/update row, if it has one.
 ///
 /// - An operation id already stored for the same story is acknowledged with
 ///   its original sequence number and not stored again (idempotent re-push);
@@ -270,6 +296,9 @@ struct StoryInPush {
 ///   this push* is a `concurrent_modification` conflict, and so is every later
 ///   operation on that story in the same push (they build on the rejected one).
 ///   Several operations on one story in one push may share a `base_version`.
+/// - A patched update that passes those checks is stored as the full update it
+///   stands for, or refused as `patch_rejected` (see [`patched_story`]), and so
+///   is every later operation on its story in the same push.
 /// - Operations without `base_version` (old clients) are always accepted.
 pub fn plan_push(
     device_id: &str,
@@ -277,6 +306,7 @@ pub fn plan_push(
     start_version: u64,
     existing: &HashMap<String, ExistingOp>,
     heads: &HashMap<String, u64>,
+    patch_bases: &HashMap<String, StoredOp>,
 ) -> Result<PushPlan, serde_json::Error> {
     let mut plan = PushPlan {
         version: start_version,
@@ -330,15 +360,28 @@ pub fn plan_push(
             StoryInPush::default()
         });
         let stale = op.base_version.is_some_and(|base| head_before > base);
-        if story.rejected || stale {
-            story.rejected = true;
+        let mut rejection = story.rejected.or(stale.then_some(CONCURRENT_MODIFICATION));
+        if rejection.is_none() && is_patched(&op) {
+            let base = patch_bases.get(&op.story_id);
+            match patched_story(&op, head_before, !story.has_rows(), base)? {
+                Some(content) => {
+                    // Stored, fetched and fanned out exactly as if sent whole.
+                    op.data = Some(content);
+                    op.extra.remove(PATCH);
+                    op.extra.remove(CONTENT_HASH);
+                    plan.patches_applied += 1;
+                }
+                None => {
+                    plan.patches_rejected += 1;
+                    rejection = Some(PATCH_REJECTED);
+                }
+            }
+        }
+        if let Some(kind) = rejection {
+            story.rejected = Some(kind);
             let server_version = current_head(&stories, &plan.rows);
-            plan.conflicts.push(conflict(
-                op.story_id,
-                CONCURRENT_MODIFICATION,
-                op.id,
-                server_version,
-            ));
+            plan.conflicts
+                .push(conflict(op.story_id, kind, op.id, server_version));
             continue;
         }
 
@@ -398,6 +441,42 @@ pub fn plan_push(
         })
         .collect();
     Ok(plan)
+}
+
+/// The part of a stored operation a patch applies to.
+#[derive(Deserialize)]
+struct StoredContent {
+    data: Option<Value>,
+}
+
+/// The whole story a patched update stands for, or `None` when its patch is
+/// rejected. The patch is accepted only when it was made on the story's head
+/// (`base_version == head`), that head is the story's live create/update with
+/// content (`base`), no earlier operation of this push changed the story
+/// (`first_in_push`), it applies, and the result hashes to the operation's
+/// `content_hash`.
+fn patched_story(
+    op: &Operation,
+    head: u64,
+    first_in_push: bool,
+    base: Option<&StoredOp>,
+) -> Result<Option<Value>, serde_json::Error> {
+    let Some(base) =
+        base.filter(|base| first_in_push && base.version == head && op.base_version == Some(head))
+    else {
+        return Ok(None);
+    };
+    let Some(base) = serde_json::from_str::<StoredContent>(base.json.get())?.data else {
+        return Ok(None);
+    };
+    let (Some(patch), Some(Value::Str(expected_hash))) =
+        (op.extra.get(PATCH), op.extra.get(CONTENT_HASH))
+    else {
+        return Ok(None);
+    };
+    Ok(patch::apply(&base, patch)
+        .ok()
+        .filter(|story| content_hash(Some(story)) == *expected_hash))
 }
 
 fn conflict(story_id: String, kind: &str, op_id: String, server_version: u64) -> ServerConflict {
@@ -478,6 +557,7 @@ mod tests {
             7,
             &HashMap::new(),
             &HashMap::new(),
+            &HashMap::new(),
         )
         .unwrap();
         assert_eq!(plan.version, 9);
@@ -498,6 +578,7 @@ mod tests {
             5,
             &known,
             &HashMap::new(),
+            &HashMap::new(),
         )
         .unwrap();
         assert!(plan.rows.is_empty());
@@ -516,6 +597,7 @@ mod tests {
             vec![op("a", "s2", OpType::Create, None)],
             5,
             &known,
+            &HashMap::new(),
             &HashMap::new(),
         )
         .unwrap();
@@ -536,6 +618,7 @@ mod tests {
             4,
             &HashMap::new(),
             &heads,
+            &HashMap::new(),
         )
         .unwrap();
         assert_eq!(plan.conflicts.len(), 2);
@@ -558,6 +641,7 @@ mod tests {
             4,
             &HashMap::new(),
             &heads,
+            &HashMap::new(),
         )
         .unwrap();
         assert!(plan.conflicts.is_empty());
@@ -581,6 +665,7 @@ mod tests {
             9,
             &HashMap::new(),
             &HashMap::from([("s".to_string(), 8), ("t".to_string(), 9)]),
+            &HashMap::new(),
         )
         .unwrap();
         assert_eq!(
@@ -603,12 +688,201 @@ mod tests {
             4,
             &HashMap::new(),
             &HashMap::new(),
+            &HashMap::new(),
         )
         .unwrap();
         assert_eq!(
             plan.rows.iter().map(|r| r.live).collect::<Vec<_>>(),
             [false, true]
         );
+    }
+
+    fn story(text: &str) -> Value {
+        serde_json::from_value(serde_json::json!({
+            "title": "Epic",
+            "passages": [{"name": "Start", "text": text}, {"name": "End", "text": "The end."}],
+        }))
+        .unwrap()
+    }
+
+    /// The live row a story's create/update left at `version`.
+    fn stored(version: u64, id: &str, story_id: &str, content: &Value) -> StoredOp {
+        let mut op = Operation::new(OpType::Update, story_id, Some(content.clone()));
+        op.id = id.into();
+        op.version = Some(version);
+        StoredOp {
+            version,
+            json: RawValue::from_string(serde_json::to_string(&op).unwrap()).unwrap(),
+        }
+    }
+
+    fn patched(id: &str, story_id: &str, base: u64, from: &Value, to: &Value) -> Operation {
+        let mut op = Operation::new(OpType::Update, story_id, None);
+        op.id = id.into();
+        op.base_version = Some(base);
+        op.extra
+            .insert(PATCH.into(), Value::Array(patch::diff(from, to)));
+        op.extra
+            .insert(CONTENT_HASH.into(), Value::Str(content_hash(Some(to))));
+        op
+    }
+
+    fn stored_operation(row: &NewRow) -> Operation {
+        serde_json::from_str(&row.json).unwrap()
+    }
+
+    /// Plans a push where story `s` was last written (holding `story("old")`)
+    /// at version `written`, and its head, the namespace's latest, is `head`.
+    fn plan_on_s(ops: Vec<Operation>, written: u64, head: u64) -> PushPlan {
+        plan_push(
+            "dev",
+            ops,
+            head,
+            &existing(&[("stored-patch", 4, "s")]),
+            &HashMap::from([("s".to_string(), head)]),
+            &HashMap::from([("s".to_string(), stored(written, "w", "s", &story("old")))]),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_accepted_patch_is_stored_as_a_full_update() {
+        let plan = plan_on_s(
+            vec![patched("p", "s", 5, &story("old"), &story("new"))],
+            5,
+            5,
+        );
+        assert!(plan.conflicts.is_empty());
+        assert_eq!((plan.patches_applied, plan.patches_rejected), (1, 0));
+        assert_eq!(plan.version, 6);
+        let row = stored_operation(&plan.rows[0]);
+        assert_eq!(row.data, Some(story("new")));
+        assert_eq!(row.version, Some(6));
+        assert!(!row.extra.contains_key(PATCH));
+        assert!(!row.extra.contains_key(CONTENT_HASH));
+        assert_eq!(plan.supersede, vec![("s".to_string(), Supersede::All)]);
+    }
+
+    #[test]
+    fn a_patch_with_the_wrong_hash_is_rejected_without_a_sequence_number() {
+        let mut wrong = patched("p", "s", 5, &story("old"), &story("new"));
+        wrong.extra.insert(
+            CONTENT_HASH.into(),
+            content_hash(Some(&story("other"))).into(),
+        );
+        let plan = plan_on_s(vec![wrong, op("t1", "t", OpType::Create, None)], 5, 5);
+        assert_eq!((plan.patches_applied, plan.patches_rejected), (0, 1));
+        let rejected = &plan.conflicts[0];
+        assert_eq!(
+            (rejected.id.as_str(), rejected.conflict_type.as_str()),
+            ("s", PATCH_REJECTED)
+        );
+        assert_eq!(rejected.op_id.as_deref(), Some("p"));
+        assert_eq!(rejected.server_version, Some(5));
+        assert_eq!(plan.rows.len(), 1);
+        assert_eq!((plan.rows[0].op_id.as_str(), plan.rows[0].seq), ("t1", 6));
+    }
+
+    #[test]
+    fn a_patch_on_a_head_that_is_not_its_base_content_is_rejected() {
+        // The head (6) is a metadata update after the content written at 5.
+        let plan = plan_on_s(
+            vec![patched("p", "s", 6, &story("old"), &story("new"))],
+            5,
+            6,
+        );
+        assert_eq!(plan.conflicts[0].conflict_type, PATCH_REJECTED);
+        assert_eq!(plan.conflicts[0].server_version, Some(6));
+        assert!(plan.rows.is_empty());
+        // The head is a delete: the story has no live content at all.
+        let plan = plan_push(
+            "dev",
+            vec![patched("p", "s", 6, &story("old"), &story("new"))],
+            6,
+            &HashMap::new(),
+            &HashMap::from([("s".to_string(), 6)]),
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(plan.conflicts[0].conflict_type, PATCH_REJECTED);
+        assert!(plan.rows.is_empty());
+    }
+
+    #[test]
+    fn a_stale_patch_is_a_concurrent_modification() {
+        let plan = plan_on_s(
+            vec![patched("p", "s", 4, &story("old"), &story("new"))],
+            5,
+            5,
+        );
+        assert_eq!(plan.conflicts[0].conflict_type, CONCURRENT_MODIFICATION);
+        assert_eq!((plan.patches_applied, plan.patches_rejected), (0, 0));
+        assert!(plan.rows.is_empty());
+    }
+
+    #[test]
+    fn a_patch_after_another_operation_on_its_story_is_rejected_with_the_rest_of_the_story() {
+        let plan = plan_on_s(
+            vec![
+                op("m", "s", OpType::MetadataUpdate, Some(5)),
+                patched("p", "s", 5, &story("old"), &story("new")),
+                op("u", "s", OpType::Update, Some(5)),
+            ],
+            5,
+            5,
+        );
+        assert_eq!(plan.rows.len(), 1);
+        assert_eq!(plan.rows[0].op_id, "m");
+        let rejected: Vec<_> = plan
+            .conflicts
+            .iter()
+            .map(|c| {
+                (
+                    c.op_id.as_deref(),
+                    c.conflict_type.as_str(),
+                    c.server_version,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rejected,
+            [
+                (Some("p"), PATCH_REJECTED, Some(6)),
+                (Some("u"), PATCH_REJECTED, Some(6))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_patch_that_does_not_apply_is_rejected() {
+        let mut inapplicable = patched("p", "s", 5, &story("old"), &story("new"));
+        let patch: Value = serde_json::from_value(serde_json::json!(
+            [{"op": "replace", "path": "/passages/7/text", "value": "x"}]
+        ))
+        .unwrap();
+        inapplicable.extra.insert(PATCH.into(), patch);
+        let plan = plan_on_s(vec![inapplicable], 5, 5);
+        assert_eq!(plan.conflicts[0].conflict_type, PATCH_REJECTED);
+        assert!(plan.rows.is_empty());
+    }
+
+    #[test]
+    fn a_re_sent_patched_operation_is_acknowledged_with_its_original_version() {
+        // Stored at 4 as a full update; the story has moved on since.
+        let plan = plan_on_s(
+            vec![patched(
+                "stored-patch",
+                "s",
+                3,
+                &story("old"),
+                &story("new"),
+            )],
+            5,
+            5,
+        );
+        assert!(plan.conflicts.is_empty() && plan.rows.is_empty());
+        assert_eq!(plan.accepted[0].version, 4);
+        assert_eq!((plan.patches_applied, plan.patches_rejected), (0, 0));
     }
 
     #[test]

@@ -19,9 +19,9 @@ use tokio_postgres::{AsyncMessage, IsolationLevel, NoTls};
 
 use super::sqlite::{finish_page, stored_op};
 use super::{
-    fingerprint, from_sql_seq, plan_push, select_key, to_sql_seq, ExistingOp, FetchPage,
-    FetchRequest, KeyRecord, NamespaceId, PushNotice, PushOutcome, Storage, StoreError, StoredOp,
-    Supersede,
+    fingerprint, from_sql_seq, is_patched, plan_push, select_key, to_sql_seq, ExistingOp,
+    FetchPage, FetchRequest, KeyRecord, NamespaceId, PushNotice, PushOutcome, Storage, StoreError,
+    StoredOp, Supersede,
 };
 use crate::keys::{hashes_match, KeyHash};
 
@@ -183,11 +183,16 @@ impl Storage for PostgresStore {
         let start: i64 = tx.query_one(&lock_namespace, &[&ns]).await?.get(0);
 
         // Arrays are joined with UNNEST rather than matched with `= ANY($2)`:
-        // planning `ANY` over a 100-element array costs milliseconds. The two
+        // planning `ANY` over a 100-element array costs milliseconds. The
         // lookups are pipelined (sent together, one round trip).
         let ids: Vec<&str> = ops.iter().map(|op| op.id.as_str()).collect();
         let stories: Vec<&str> = ops.iter().map(|op| op.story_id.as_str()).collect();
-        let (find_ids, find_heads) = tokio::try_join!(
+        let patched_stories: Vec<&str> = ops
+            .iter()
+            .filter(|op| is_patched(op))
+            .map(|op| op.story_id.as_str())
+            .collect();
+        let (find_ids, find_heads, find_patch_bases) = tokio::try_join!(
             tx.prepare_cached(
                 "SELECT o.op_id, o.seq, o.story_id FROM UNNEST($2::text[]) AS i(op_id)
                  JOIN operations o ON o.ns = $1 AND o.op_id = i.op_id",
@@ -198,12 +203,20 @@ impl Storage for PostgresStore {
                  JOIN operations o ON o.ns = $1 AND o.story_id = s.story_id
                  GROUP BY o.story_id",
             ),
+            tx.prepare_cached(
+                "SELECT o.story_id, o.seq, o.body
+                 FROM (SELECT DISTINCT story_id FROM UNNEST($2::text[]) AS s(story_id)) s
+                 JOIN operations o ON o.ns = $1 AND o.story_id = s.story_id
+                   AND o.live AND o.op_type IN ('create', 'update')",
+            ),
         )?;
         let id_params: [&(dyn ToSql + Sync); 2] = [&ns, &ids];
         let head_params: [&(dyn ToSql + Sync); 2] = [&ns, &stories];
-        let (found_ids, found_heads) = tokio::try_join!(
+        let patch_base_params: [&(dyn ToSql + Sync); 2] = [&ns, &patched_stories];
+        let (found_ids, found_heads, found_patch_bases) = tokio::try_join!(
             tx.query(&find_ids, &id_params),
             tx.query(&find_heads, &head_params),
+            tx.query(&find_patch_bases, &patch_base_params),
         )?;
         let mut existing = HashMap::new();
         for row in found_ids {
@@ -221,8 +234,22 @@ impl Storage for PostgresStore {
             let seq: i64 = row.get(1);
             heads.insert(row.get::<_, String>(0), from_sql_seq(seq)?);
         }
+        let mut patch_bases = HashMap::new();
+        for row in found_patch_bases {
+            let body: Option<String> = row.get(2);
+            if let Some(body) = body {
+                patch_bases.insert(row.get::<_, String>(0), stored_op(row.get(1), body)?);
+            }
+        }
 
-        let plan = plan_push(&device_id, ops, from_sql_seq(start)?, &existing, &heads)?;
+        let plan = plan_push(
+            &device_id,
+            ops,
+            from_sql_seq(start)?,
+            &existing,
+            &heads,
+            &patch_bases,
+        )?;
         if !plan.rows.is_empty() {
             let (all, metadata_only): (Vec<_>, Vec<_>) = plan
                 .supersede

@@ -15,9 +15,9 @@ use sync_core::Operation;
 use tokio::sync::mpsc;
 
 use super::{
-    fingerprint, from_sql_seq, plan_push, select_key, to_sql_seq, ExistingOp, FetchPage,
-    FetchRequest, KeyRecord, NamespaceId, PushNotice, PushOutcome, Storage, StoreError, StoredOp,
-    Supersede,
+    fingerprint, from_sql_seq, is_patched, plan_push, select_key, to_sql_seq, ExistingOp,
+    FetchPage, FetchRequest, KeyRecord, NamespaceId, PushNotice, PushOutcome, Storage, StoreError,
+    StoredOp, Supersede,
 };
 use crate::keys::{hashes_match, KeyHash};
 
@@ -162,11 +162,16 @@ fn push_blocking(
 
     let mut existing = HashMap::new();
     let mut heads = HashMap::new();
+    let mut patch_bases = HashMap::new();
     {
         let mut by_id =
             tx.prepare_cached("SELECT seq, story_id FROM operations WHERE ns = ?1 AND op_id = ?2")?;
         let mut head =
             tx.prepare_cached("SELECT MAX(seq) FROM operations WHERE ns = ?1 AND story_id = ?2")?;
+        let mut live_content = tx.prepare_cached(
+            "SELECT seq, body FROM operations INDEXED BY operations_by_story
+             WHERE ns = ?1 AND story_id = ?2 AND live = 1 AND op_type IN ('create', 'update')",
+        )?;
         for op in &ops {
             if !existing.contains_key(&op.id) {
                 let found = by_id
@@ -187,10 +192,27 @@ fn push_blocking(
                     seq.map(from_sql_seq).transpose()?.unwrap_or(0),
                 );
             }
+            if is_patched(op) && !patch_bases.contains_key(&op.story_id) {
+                let found = live_content
+                    .query_row(params![ns, op.story_id], |row| {
+                        Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+                    })
+                    .optional()?;
+                if let Some((seq, body)) = found {
+                    patch_bases.insert(op.story_id.clone(), stored_op(seq, body)?);
+                }
+            }
         }
     }
 
-    let plan = plan_push(device_id, ops, from_sql_seq(start)?, &existing, &heads)?;
+    let plan = plan_push(
+        device_id,
+        ops,
+        from_sql_seq(start)?,
+        &existing,
+        &heads,
+        &patch_bases,
+    )?;
     if !plan.rows.is_empty() {
         let mut supersede_all = tx.prepare_cached(
             "UPDATE operations INDEXED BY operations_by_story SET live = 0, body = NULL

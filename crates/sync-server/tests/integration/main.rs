@@ -13,6 +13,7 @@ mod crash;
 mod http;
 mod load;
 mod operations;
+mod patches;
 #[path = "../../../sync-core/tests/support/reliability.rs"]
 mod reliability;
 mod security;
@@ -68,6 +69,7 @@ fn main() {
         operations::graceful_shutdown on BOTH,
         operations::tls on SQLITE,
         operations::base_path on SQLITE,
+        patches::stores_apply_patches_in_the_push_transaction on BOTH,
         crash::acknowledged_pushes_survive_kill9 on BOTH,
         load::thirty_two_clients on BOTH,
         security::isolation_on_every_route on BOTH,

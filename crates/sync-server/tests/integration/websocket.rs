@@ -25,7 +25,8 @@ pub async fn requests_and_answers(backend: Backend) -> TestResult {
         .await?;
     assert_eq!(
         empty,
-        json!({"type": "sync_response", "request_id": 7, "operations": [], "version": 0, "has_more": false})
+        json!({"type": "sync_response", "request_id": 7, "operations": [], "version": 0, "has_more": false,
+               "features": ["patch"]})
     );
 
     let pushed = ws
