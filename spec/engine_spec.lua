@@ -503,6 +503,67 @@ describe("syncing through the reference server", function()
     assert.is_nil(a.storage:titles().scratch)
   end)
 
+  --- A long story whose passages hold text that does not compress well, so
+  -- the bytes on the wire show what was sent.
+  local function epic(passages)
+    local seed = 42
+    local list = {}
+    for p = 1, passages do
+      local letters = {}
+      for i = 1, 150 do
+        seed = (seed * 16807) % 2147483647
+        letters[i] = string.char(97 + seed % 26)
+      end
+      list[p] = { name = "Passage " .. p, text = table.concat(letters) }
+    end
+    return { title = "Epic", passages = list }
+  end
+
+  local function sent_by(device, fn)
+    local before = device.state:get_stats().bandwidth_sent_bytes
+    fn()
+    return device.state:get_stats().bandwidth_sent_bytes - before
+  end
+
+  it("sends the edited passage of a long story, not the whole story", function()
+    local a, b = device("laptop"), device("desktop")
+    a.storage:save_story("epic", epic(300))
+    local whole = sent_by(a, function() assert(a.engine:sync_now()) end)
+    assert(b.engine:sync_now())
+
+    local story = a.storage:load_story("epic")
+    story.passages[150].text = "One passage rewritten."
+    a.storage:save_story("epic", story)
+    local edit = sent_by(a, function() assert(a.engine:sync_now()) end)
+    assert.is_true(whole > 20000, "whole story: " .. whole .. " bytes")
+    assert.is_true(edit < 1024, "one passage: " .. edit .. " bytes")
+
+    assert(b.engine:sync_now())
+    assert.equal("One passage rewritten.", b.storage:load_story("epic").passages[150].text)
+    assert.same(a.storage:load_story("epic"), b.storage:load_story("epic"))
+    assert.equal(0, a.state:get_pending_count())
+  end)
+
+  it("sends patches over WebSocket too", function()
+    local storage = story_service()
+    local ws = WebSocketTransport.new({ ws_url = server.ws_url, api_key = server.api_key, device_id = "tablet" })
+    local state = StateManager.new(storage)
+    local tablet = { storage = storage, state = state,
+                     engine = SyncEngine.new({ storage = storage, transport = ws, state_manager = state,
+                                               device_id = "tablet" }) }
+    local laptop = device("laptop")
+    storage:save_story("epic", epic(300))
+    assert(tablet.engine:sync_now())
+    local story = storage:load_story("epic")
+    table.insert(story.passages, 10, { name = "New passage", text = "Inserted." })
+    storage:save_story("epic", story)
+    local edit = sent_by(tablet, function() assert(tablet.engine:sync_now()) end)
+    ws:disconnect()
+    assert.is_true(edit < 1024, "one inserted passage: " .. edit .. " bytes")
+    assert(laptop.engine:sync_now())
+    assert.same(story, laptop.storage:load_story("epic"))
+  end)
+
   it("applies a change pushed over WebSocket within a second", function()
     local a = device("laptop")
     local storage = story_service()

@@ -287,6 +287,9 @@ fn converge(strategy: ConflictStrategy) {
         stories as u64 >= seeds(),
         "{strategy:?}: only {stories} stories"
     );
+    // Edits of the long stories travelled as patches.
+    let applied = server.metric("whisker_sync_patches_applied_total");
+    assert!(applied >= seeds(), "{strategy:?}: only {applied} patches");
 }
 
 #[test]
