@@ -100,8 +100,15 @@ for _, n in ipairs({ 10, 100, 1000 }) do
   timed_sync("second device first pull", n, b, b_transport)
 end
 
+-- This storage keeps the sync state through a `backend`, as whisker-core's
+-- StorageService and the CLI's file store do: that is where the copy of a
+-- long story as last synced lives, which an edit is sent as a patch against.
 local key = new_key()
 local storage = mock_storage()
+storage.backend = { records = {} }
+function storage.backend:load(name) return self.records[name] end
+function storage.backend:save(name, value) self.records[name] = value; return true end
+function storage.backend:delete(name) self.records[name] = nil; return true end
 storage.data.epic = story(0, 500, 6)
 local a, transport = device("bench-a", key, storage)
 timed_sync("500-passage story, initial", 1, a, transport)
