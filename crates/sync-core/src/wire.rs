@@ -123,6 +123,10 @@ pub enum ClientMessage {
         /// Extension: page size, as `limit` on `GET /operations`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u64>,
+        /// Extension: the client applies patched updates, as `patches=1` on
+        /// `GET /operations` (see [`crate::patch`]).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        patches: bool,
     },
     PushOperations {
         #[serde(default, skip_serializing_if = "Option::is_none")]

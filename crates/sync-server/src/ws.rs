@@ -393,6 +393,7 @@ impl<S: Storage> Session<'_, S> {
                 device_id,
                 since_version,
                 limit,
+                patches: _,
             } => self.sync(request_id, device_id, since_version, limit).await,
             ClientMessage::PushOperations {
                 request_id,
