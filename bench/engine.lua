@@ -1,5 +1,6 @@
 --- Engine benchmark: initial, idle and incremental syncs of N stories, a
--- second device's first pull, and a 500-passage story, over loopback HTTP to
+-- second device's first pull, and a 500-passage story edited on one device
+-- and pulled by another, over loopback HTTP to
 -- the reference server; plus the initial sync against an in-process server.
 -- Runs whichever `whisker.storage.sync.engine` is first on the path.
 --
@@ -103,18 +104,26 @@ end
 -- This storage keeps the sync state through a `backend`, as whisker-core's
 -- StorageService and the CLI's file store do: that is where the copy of a
 -- long story as last synced lives, which an edit is sent as a patch against.
+local function storage_with_backend()
+  local storage = mock_storage()
+  storage.backend = { records = {} }
+  function storage.backend:load(name) return self.records[name] end
+  function storage.backend:save(name, value) self.records[name] = value; return true end
+  function storage.backend:delete(name) self.records[name] = nil; return true end
+  return storage
+end
+
 local key = new_key()
-local storage = mock_storage()
-storage.backend = { records = {} }
-function storage.backend:load(name) return self.records[name] end
-function storage.backend:save(name, value) self.records[name] = value; return true end
-function storage.backend:delete(name) self.records[name] = nil; return true end
+local storage = storage_with_backend()
 storage.data.epic = story(0, 500, 6)
 local a, transport = device("bench-a", key, storage)
+local b, b_transport = device("bench-b", key, storage_with_backend())
 timed_sync("500-passage story, initial", 1, a, transport)
+timed_sync("500-passage story, second device first pull", 1, b, b_transport)
 storage.data.epic = story(0, 500, 6)
 storage.data.epic.passages[250].text = "One passage rewritten."
 timed_sync("500-passage story, one passage edited", 1, a, transport)
+timed_sync("500-passage story, second device pulls the edit", 1, b, b_transport)
 
 -- In-process: the whole initial sync of 1,000 stories against a server kept
 -- in Lua (the old integration spec's shape), so no network is involved. One

@@ -525,11 +525,17 @@ describe("syncing through the reference server", function()
     return device.state:get_stats().bandwidth_sent_bytes - before
   end
 
-  it("sends the edited passage of a long story, not the whole story", function()
+  local function received_by(device, fn)
+    local before = device.state:get_stats().bandwidth_received_bytes
+    fn()
+    return device.state:get_stats().bandwidth_received_bytes - before
+  end
+
+  it("moves only the edited passage of a long story, both ways", function()
     local a, b = device("laptop"), device("desktop")
     a.storage:save_story("epic", epic(300))
     local whole = sent_by(a, function() assert(a.engine:sync_now()) end)
-    assert(b.engine:sync_now())
+    local first_pull = received_by(b, function() assert(b.engine:sync_now()) end)
 
     local story = a.storage:load_story("epic")
     story.passages[150].text = "One passage rewritten."
@@ -538,7 +544,9 @@ describe("syncing through the reference server", function()
     assert.is_true(whole > 20000, "whole story: " .. whole .. " bytes")
     assert.is_true(edit < 1024, "one passage: " .. edit .. " bytes")
 
-    assert(b.engine:sync_now())
+    local pulled = received_by(b, function() assert(b.engine:sync_now()) end)
+    assert.is_true(first_pull > 20000, "first pull: " .. first_pull .. " bytes")
+    assert.is_true(pulled < 1024, "edited passage pulled: " .. pulled .. " bytes")
     assert.equal("One passage rewritten.", b.storage:load_story("epic").passages[150].text)
     assert.same(a.storage:load_story("epic"), b.storage:load_story("epic"))
     assert.equal(0, a.state:get_pending_count())

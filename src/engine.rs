@@ -636,13 +636,24 @@ fn number(value: &LuaValue) -> Option<u64> {
 }
 
 impl Transport for LuaTransport {
-    fn fetch(&mut self, device_id: &str, since: u64) -> Result<FetchPage, HostError> {
+    fn fetch(
+        &mut self,
+        device_id: &str,
+        since: u64,
+        patches: bool,
+    ) -> Result<FetchPage, HostError> {
         self.ensure_connected()?;
         let before = self.traffic();
-        let result = self.call(
-            "fetch_operations",
-            (device_id.to_owned(), integer(since as i64)),
-        )?;
+        let args = (device_id.to_owned(), integer(since as i64));
+        let result = if patches {
+            let options = self
+                .lua
+                .create_table_from([("patches", true)])
+                .map_err(|e| HostError(callback_message(&e)))?;
+            self.call("fetch_operations", (args.0, args.1, options))?
+        } else {
+            self.call("fetch_operations", args)?
+        };
         let LuaValue::Table(result) = result else {
             return Err(HostError(format!(
                 "transport fetch_operations returned {}, not a result table",

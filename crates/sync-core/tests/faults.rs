@@ -56,10 +56,15 @@ fn host_error(e: impl std::fmt::Display) -> HostError {
 }
 
 impl Transport for WsLink {
-    fn fetch(&mut self, device_id: &str, since: u64) -> Result<FetchPage, HostError> {
+    fn fetch(
+        &mut self,
+        device_id: &str,
+        since: u64,
+        patches: bool,
+    ) -> Result<FetchPage, HostError> {
         let page = self
             .runtime
-            .block_on(self.client.fetch_operations(device_id, since, Some(50)))
+            .block_on(self.client.fetch_page(device_id, since, Some(50), patches))
             .map_err(host_error)?;
         Ok(FetchPage {
             operations: page.operations.iter().map(Operation::to_value).collect(),

@@ -233,7 +233,7 @@ struct Scripted {
 }
 
 impl Transport for Scripted {
-    fn fetch(&mut self, _: &str, since: u64) -> Result<FetchPage, HostError> {
+    fn fetch(&mut self, _: &str, since: u64, _: bool) -> Result<FetchPage, HostError> {
         Ok(FetchPage {
             operations: self.page.take().unwrap_or_default(),
             version: since + 1,

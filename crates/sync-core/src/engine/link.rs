@@ -35,13 +35,18 @@ impl HttpLink {
 }
 
 impl Transport for HttpLink {
-    fn fetch(&mut self, device_id: &str, since: u64) -> Result<FetchPage, HostError> {
+    fn fetch(
+        &mut self,
+        device_id: &str,
+        since: u64,
+        patches: bool,
+    ) -> Result<FetchPage, HostError> {
         let before = self.transport.traffic();
         let page = self
             .runtime
             .block_on(
                 self.transport
-                    .fetch_operations(device_id, since, Some(self.page_size)),
+                    .fetch_page(device_id, since, Some(self.page_size), patches),
             )
             .map_err(|e| HostError(e.to_string()))?;
         let operations = page

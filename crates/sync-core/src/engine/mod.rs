@@ -187,7 +187,11 @@ pub fn with_content(
 
 /// The server.
 pub trait Transport {
-    fn fetch(&mut self, device_id: &str, since: u64) -> Result<FetchPage, HostError>;
+    /// One page of operations after `since`. With `patches`, the server may
+    /// send updates as patches against versions this device has seen (see
+    /// [`crate::patch`]); the engine turns them back into whole stories.
+    fn fetch(&mut self, device_id: &str, since: u64, patches: bool)
+        -> Result<FetchPage, HostError>;
     /// Pushes operations. A create or update that [`needs_content`] carries
     /// the story's current local content: `content` provides it (a transport
     /// that reaches the stories itself may read them its own way); one whose
@@ -696,7 +700,7 @@ impl Engine {
         let mut settled = false;
         let mut unresolved_push: Vec<ServerConflict> = Vec::new();
         for _ in 0..MAX_PUSH_ROUNDS {
-            let remote = self.fetch_all(transport, &mut round, host)?;
+            let remote = self.fetch_all(transport, state, &mut bases, &mut round, host)?;
             if round.accepts_patches {
                 bases.keep_patchable();
             }
@@ -871,9 +875,11 @@ impl Engine {
 
     /// Fetches every page after the last version seen; validates and returns
     /// the operations of other devices, in server order.
-    fn fetch_all(
+    fn fetch_all<S: StateStore>(
         &self,
         transport: &mut dyn Transport,
+        state: &mut StateManager<S>,
+        bases: &mut BaseStore,
         round: &mut Round,
         host: &mut dyn Host,
     ) -> Result<Vec<Operation>, SyncError> {
@@ -884,13 +890,26 @@ impl Engine {
         });
         let mut operations = Vec::new();
         let mut since = round.server_version;
+        // Patches are only of use with bases, which need a store that keeps records.
+        let patches = state.store().keeps_records();
         for _ in 0..MAX_FETCH_PAGES {
-            let page = transport.fetch(&self.config.device_id, since)?;
+            let mut page = transport.fetch(&self.config.device_id, since, patches)?;
             round.report.bytes_received += page.bytes_received;
-            let received = page.operations.len();
-            for (i, value) in page.operations.into_iter().enumerate() {
-                let op = scan::parse_remote(value)
-                    .map_err(|e| SyncError::InvalidRemote(format!("operation {}: {e}", i + 1)))?;
+            let mut parsed = parse_page(std::mem::take(&mut page.operations))?;
+            if !unpatch_page(&mut parsed, state, bases, round)? {
+                // A patch against a version this device does not hold: the
+                // same page again, whole.
+                page = transport.fetch(&self.config.device_id, since, false)?;
+                round.report.bytes_received += page.bytes_received;
+                parsed = parse_page(std::mem::take(&mut page.operations))?;
+                if !unpatch_page(&mut parsed, state, bases, round)? {
+                    return Err(SyncError::InvalidRemote(
+                        "the server sent a patch this device cannot apply, when asked for whole stories".into(),
+                    ));
+                }
+            }
+            let received = parsed.len();
+            for op in parsed {
                 if op.device_id != self.config.device_id {
                     operations.push(op);
                 } else if let Some(version) = op.version {
@@ -1342,6 +1361,55 @@ impl Engine {
         });
         Ok(reply.conflicts)
     }
+}
+
+/// The operations of a fetched page, each checked (see [`scan::parse_remote`]).
+fn parse_page(values: Vec<Value>) -> Result<Vec<Operation>, SyncError> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, value)| {
+            scan::parse_remote(value)
+                .map_err(|e| SyncError::InvalidRemote(format!("operation {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+/// Turns each patched update of a page into the whole update it stands for,
+/// from the base this device holds. `false` when one cannot be: this device
+/// has no base of that version, or the result is not what the server said.
+fn unpatch_page<S: StateStore>(
+    operations: &mut [Operation],
+    state: &mut StateManager<S>,
+    bases: &mut BaseStore,
+    round: &Round,
+) -> Result<bool, SyncError> {
+    for op in operations.iter_mut() {
+        let Some(patch) = op.extra.remove(PATCH) else {
+            continue;
+        };
+        let claimed = op.extra.remove(CONTENT_HASH);
+        let Some(baseline) = round
+            .baseline(state, &op.story_id)
+            .filter(|b| Some(b.version) == op.base_version)
+            .cloned()
+        else {
+            return Ok(false);
+        };
+        let Some(base) = bases.get(state, &op.story_id, &baseline.hash)? else {
+            return Ok(false);
+        };
+        match patch::apply(&base, &patch) {
+            Ok(story)
+                if claimed.as_ref().and_then(Value::as_str)
+                    == Some(&content_hash(Some(&story))) =>
+            {
+                op.data = Some(story);
+            }
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
 }
 
 /// Turns a queued update into a patched one (see [`crate::patch`]) when this

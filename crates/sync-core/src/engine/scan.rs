@@ -8,8 +8,9 @@ use crate::value::{Map, Value};
 
 use super::{
     body_part, content_hash, is_reserved, queued_change, queued_hash, story_tags, EngineConfig,
-    Host, Progress, Step, Storage, StoryFilter, SyncError,
+    Host, Progress, Step, Storage, StoryFilter, SyncError, CONTENT_HASH,
 };
+use crate::patch::PATCH;
 
 /// Longest story id accepted, in bytes.
 const MAX_ID_LEN: usize = 255;
@@ -244,7 +245,9 @@ pub(super) fn parse_remote(value: Value) -> Result<Operation, String> {
         (Some(_), OpType::Delete) => op.data = None,
         (Some(_), _) => return Err("data must be a table".into()),
     }
-    if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
+    if op.extra.contains_key(PATCH) {
+        check_patched(&op)?;
+    } else if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
         return Err(format!("a {} has no data", op.op_type.as_str()));
     }
     if op.op_type == OpType::Delete {
@@ -254,6 +257,21 @@ pub(super) fn parse_remote(value: Value) -> Result<Operation, String> {
         op.device_id = "unknown".into();
     }
     Ok(op)
+}
+
+/// A patched update carries a patch list, the content hash of its result and
+/// the version it applies to, and no data.
+fn check_patched(op: &Operation) -> Result<(), String> {
+    let well_formed = op.op_type == OpType::Update
+        && op.data.is_none()
+        && op.base_version.is_some()
+        && matches!(op.extra.get(PATCH), Some(Value::Array(_)))
+        && matches!(op.extra.get(CONTENT_HASH), Some(Value::Str(_)));
+    if well_formed {
+        Ok(())
+    } else {
+        Err("a patched operation must be an update with a patch list, a content_hash and a base_version, and no data".into())
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +330,29 @@ mod tests {
             "version must be a non-negative integer"
         );
         assert_eq!(parse(r#"[1]"#).unwrap_err(), "not an object");
+    }
+
+    #[test]
+    fn patched_updates_are_checked() {
+        let parse = |text: &str| parse_remote(serde_json::from_str(text).unwrap());
+        let op = parse(
+            r#"{"id":"1","type":"update","story_id":"s","timestamp":1,"base_version":4,
+                "patch":[{"op":"replace","path":"/t","value":2}],"content_hash":"h"}"#,
+        )
+        .unwrap();
+        assert!(op.data.is_none() && op.extra.contains_key(PATCH));
+        for bad in [
+            r#"{"id":"1","type":"update","story_id":"s","timestamp":1,"patch":[],"content_hash":"h"}"#,
+            r#"{"id":"1","type":"update","story_id":"s","timestamp":1,"base_version":4,"patch":{},"content_hash":"h"}"#,
+            r#"{"id":"1","type":"update","story_id":"s","timestamp":1,"base_version":4,"patch":[]}"#,
+            r#"{"id":"1","type":"create","story_id":"s","timestamp":1,"base_version":4,"patch":[],"content_hash":"h"}"#,
+            r#"{"id":"1","type":"update","story_id":"s","timestamp":1,"base_version":4,"patch":[],"content_hash":"h","data":{}}"#,
+        ] {
+            assert!(
+                parse(bad).unwrap_err().starts_with("a patched operation"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

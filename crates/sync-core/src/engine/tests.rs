@@ -25,6 +25,14 @@ struct Server {
     refuses_patches: bool,
     /// Every operation pushed, as it arrived.
     received: Vec<Operation>,
+    /// Accepted patched updates as pushed, by operation id, served to
+    /// fetches that ask for patches.
+    patched: Vec<Operation>,
+    /// Serve patches even to fetches that ask for whole stories (a broken server).
+    forces_patches: bool,
+    /// Fetches, and patched updates served.
+    fetches: usize,
+    patches_served: usize,
 }
 
 impl Server {
@@ -60,9 +68,10 @@ struct Link {
 }
 
 impl Transport for Link {
-    fn fetch(&mut self, device: &str, since: u64) -> Result<FetchPage, HostError> {
-        let mut operations: Vec<Value> = std::mem::take(&mut self.server.borrow_mut().inject);
-        let server = self.server.borrow();
+    fn fetch(&mut self, device: &str, since: u64, patches: bool) -> Result<FetchPage, HostError> {
+        let mut server = self.server.borrow_mut();
+        server.fetches += 1;
+        let mut operations: Vec<Value> = std::mem::take(&mut server.inject);
         let limit = if server.page_size == 0 {
             usize::MAX
         } else {
@@ -73,19 +82,33 @@ impl Transport for Link {
             .iter()
             .filter(|op| op.version > Some(since))
             .collect();
-        let page: Vec<&&Operation> = newer.iter().take(limit).collect();
+        let page = &newer[..newer.len().min(limit)];
         let version = page
             .last()
             .map_or(server.log.len() as u64, |op| op.version.unwrap());
-        operations.extend(
-            page.iter()
-                .filter(|op| op.device_id != device)
-                .map(|op| crate::state::operation_value(op).unwrap()),
-        );
+        let has_more = newer.len() > page.len();
+        let mut served = 0;
+        for op in page.iter().filter(|op| op.device_id != device) {
+            let patched = server.patched.iter().find(|p| {
+                p.id == op.id
+                    && (patches || server.forces_patches)
+                    && p.base_version.is_some_and(|base| base <= since)
+            });
+            served += usize::from(patched.is_some());
+            let sent = patched.map_or_else(
+                || (*op).clone(),
+                |p| Operation {
+                    version: op.version,
+                    ..p.clone()
+                },
+            );
+            operations.push(crate::state::operation_value(&sent).unwrap());
+        }
+        server.patches_served += served;
         Ok(FetchPage {
             operations,
             version,
-            has_more: newer.len() > page.len(),
+            has_more,
             bytes_received: 0,
             accepts_patches: server.applies_patches,
         })
@@ -110,7 +133,10 @@ impl Transport for Link {
             }
             if op.extra.contains_key(PATCH) {
                 match server.unpatched(&op) {
-                    Some(whole) => op = whole,
+                    Some(whole) => {
+                        server.patched.push(op.clone());
+                        op = whole;
+                    }
                     None => {
                         reply.success = false;
                         reply.conflicts.push(ServerConflict {
@@ -844,4 +870,74 @@ fn small_stories_and_servers_without_the_feature_get_whole_stories() {
         .unwrap()
         .extra
         .contains_key(PATCH));
+}
+
+#[test]
+fn a_device_holding_the_base_receives_an_edit_as_a_patch() {
+    let s = patching_server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("epic", &long_story(200, None));
+    a.sync().unwrap();
+    b.sync().unwrap();
+    a.write("epic", &long_story(200, Some(50)));
+    a.sync().unwrap();
+    let fetches = s.borrow().fetches;
+    assert_eq!(b.sync().unwrap().applied, 1);
+    assert_eq!(s.borrow().patches_served, 1);
+    assert_eq!(s.borrow().fetches, fetches + 1, "no second fetch");
+    assert_eq!(b.story("epic"), a.story("epic"));
+}
+
+#[test]
+fn a_patch_against_a_base_this_device_lacks_is_fetched_again_whole() {
+    let s = patching_server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("epic", &long_story(200, None));
+    a.sync().unwrap();
+    b.sync().unwrap();
+    let base_records: Vec<String> = (0..bases::SHARDS)
+        .map(|shard| format!("{}{shard}", bases::BASE_KEY_PREFIX))
+        .collect();
+    for key in &base_records {
+        b.state.store_mut().delete(key).unwrap();
+    }
+    a.write("epic", &long_story(200, Some(50)));
+    a.sync().unwrap();
+    let fetches = s.borrow().fetches;
+    assert_eq!(b.sync().unwrap().applied, 1);
+    assert_eq!(s.borrow().patches_served, 1);
+    assert_eq!(s.borrow().fetches, fetches + 2, "the page again, whole");
+    assert_eq!(b.story("epic"), a.story("epic"));
+}
+
+#[test]
+fn a_server_that_keeps_sending_an_unusable_patch_fails_the_sync_and_changes_nothing() {
+    let s = patching_server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("epic", &long_story(200, None));
+    a.sync().unwrap();
+    b.sync().unwrap();
+    for shard in 0..bases::SHARDS {
+        let key = format!("{}{shard}", bases::BASE_KEY_PREFIX);
+        b.state.store_mut().delete(&key).unwrap();
+    }
+    a.write("epic", &long_story(200, Some(50)));
+    a.sync().unwrap();
+    let before = b.story("epic");
+    s.borrow_mut().forces_patches = true;
+    let error = b.sync().unwrap_err().to_string();
+    assert!(error.contains("cannot apply"), "{error}");
+    assert_eq!(b.story("epic"), before);
+    s.borrow_mut().forces_patches = false;
+    b.sync().unwrap();
+    assert_eq!(b.story("epic"), a.story("epic"));
 }

@@ -674,9 +674,24 @@ impl HttpTransport {
         since: u64,
         limit: Option<u64>,
     ) -> Result<FetchResponse, HttpError> {
+        self.fetch_page(device_id, since, limit, false).await
+    }
+
+    /// As [`HttpTransport::fetch_operations`]; with `patches`, updates may
+    /// arrive as patches (see [`crate::patch`]).
+    pub async fn fetch_page(
+        &self,
+        device_id: &str,
+        since: u64,
+        limit: Option<u64>,
+        patches: bool,
+    ) -> Result<FetchResponse, HttpError> {
         let mut path = format!("/operations?device={}&since={since}", url_encode(device_id));
         if let Some(limit) = limit {
             path.push_str(&format!("&limit={limit}"));
+        }
+        if patches {
+            path.push_str("&patches=1");
         }
         self.call(self.request(Method::Get, &path, None), &[200])
             .await

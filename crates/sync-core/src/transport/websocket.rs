@@ -489,12 +489,27 @@ impl WsClient {
         since: u64,
         limit: Option<u64>,
     ) -> Result<FetchResponse, WsError> {
+        self.fetch_page(device_id, since, limit, false).await
+    }
+
+    /// As [`WsClient::fetch_operations`]; with `patches`, updates
+    /// may arrive as patches (see [`crate::patch`]).
+    pub async fn fetch_page(
+        &self,
+        device_id: &str,
+        since: u64,
+        limit: Option<u64>,
+        patches: bool,
+    ) -> Result<FetchResponse, WsError> {
         let mut fields = Map::from([
             ("device_id".to_owned(), Value::from(device_id)),
             ("since_version".to_owned(), Value::Int(since as i64)),
         ]);
         if let Some(limit) = limit {
             fields.insert("limit".to_owned(), Value::Int(limit as i64));
+        }
+        if patches {
+            fields.insert("patches".to_owned(), Value::Bool(true));
         }
         let answer = self
             .request("sync_request", fields, self.config.response_timeout)

@@ -114,13 +114,18 @@ end
 --- Fetches operations after a version.
 -- @param device_id this device's id
 -- @param since_version last server version seen (default 0)
+-- @param options optional; `patches = true` lets the server send updates as
+--   patches against versions this device has seen (the sync engine asks)
 -- @return `{operations, version, has_more, features}` (`features`: what the
 -- server offers beyond the old protocol, when it says), or nil and a message
-function HTTPTransport:fetch_operations(device_id, since_version)
+function HTTPTransport:fetch_operations(device_id, since_version, options)
   if not device_id then
     return nil, "device_id is required"
   end
   local path = "/operations?device=" .. self:_url_encode(device_id) .. "&since=" .. whole(since_version or 0)
+  if options and options.patches then
+    path = path .. "&patches=1"
+  end
   local response, err = self:_request("GET", path)
   if not response then
     return nil, err

@@ -389,14 +389,19 @@ end
 --- Fetches operations after a version.
 -- @param device_id this device's id
 -- @param since_version last server version seen (default 0)
+-- @param options optional; `patches = true` lets the server send updates as
+--   patches against versions this device has seen (the sync engine asks)
 -- @return `{operations, version, has_more, features}` (`features`: what the
 -- server offers beyond the old protocol, when it says), or nil and a message
-function WebSocketTransport:fetch_operations(device_id, since_version)
+function WebSocketTransport:fetch_operations(device_id, since_version, options)
   if not device_id then
     return nil, "device_id is required"
   end
-  local response, err = self:_call(MessageType.SYNC_REQUEST,
-    { device_id = device_id, since_version = since_version or 0 }, MessageType.SYNC_RESPONSE)
+  local request = { device_id = device_id, since_version = since_version or 0 }
+  if options and options.patches then
+    request.patches = true
+  end
+  local response, err = self:_call(MessageType.SYNC_REQUEST, request, MessageType.SYNC_RESPONSE)
   if not response then
     return nil, err
   end
