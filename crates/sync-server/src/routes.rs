@@ -28,7 +28,7 @@ use crate::keys;
 use crate::metrics::track;
 use crate::state::{features, push_response, AppState};
 use crate::store::{NamespaceId, Storage};
-use crate::validate::{self, whole_number};
+use crate::validate::{self, flag, whole_number};
 use crate::ws;
 
 /// The whole HTTP and WebSocket API, under `base_path` (empty or `/` for the root).
@@ -128,6 +128,7 @@ struct FetchParams {
     device: Option<String>,
     since: Option<String>,
     limit: Option<String>,
+    patches: Option<String>,
 }
 
 /// `GET /operations` answer, with operations as stored (no re-encoding).
@@ -164,8 +165,14 @@ async fn fetch_operations<S: Storage>(
             l => Ok(usize::try_from(l).unwrap_or(usize::MAX)),
         })
         .transpose()?;
+    let patches = params
+        .patches
+        .as_deref()
+        .map(|p| flag("patches", p))
+        .transpose()?
+        .unwrap_or(false);
     let page = state
-        .fetch(ns, since, limit, params.device.as_deref())
+        .fetch(ns, since, limit, params.device.as_deref(), patches)
         .await?;
     Ok(Json(FetchBody {
         operations: page.operations.into_iter().map(|op| op.json).collect(),

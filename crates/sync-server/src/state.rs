@@ -93,13 +93,15 @@ impl<S: Storage> AppState<S> {
     }
 
     /// A page of operations after `since`. Without `limit`, everything (old
-    /// clients never ask for a next page); a larger `limit` is capped.
+    /// clients never ask for a next page); a larger `limit` is capped. With
+    /// `patches`, patched updates the client can apply come in patched form.
     pub async fn fetch(
         &self,
         ns: NamespaceId,
         since: u64,
         limit: Option<usize>,
         device: Option<&str>,
+        patches: bool,
     ) -> Result<FetchPage, StoreError> {
         let retention =
             i64::try_from(self.settings.tombstone_retention.as_secs()).unwrap_or(i64::MAX);
@@ -108,6 +110,7 @@ impl<S: Storage> AppState<S> {
             limit: limit.map(|l| l.min(self.settings.limits.max_page_size)),
             exclude_device: device.filter(|d| !d.is_empty()),
             tombstone_cutoff: now_seconds().saturating_sub(retention),
+            patches,
         };
         self.store.fetch(ns, request).await
     }

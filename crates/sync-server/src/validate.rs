@@ -202,6 +202,18 @@ pub fn whole_number(name: &'static str, text: &str) -> Result<u64, InvalidInput>
     }
 }
 
+/// A yes/no query parameter: `1` or `true` is yes, `0` or `false` no.
+pub fn flag(name: &'static str, text: &str) -> Result<bool, InvalidInput> {
+    match text {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(InvalidInput::Query {
+            name,
+            reason: "must be 1, true, 0 or false",
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,5 +335,16 @@ mod tests {
         assert!(whole_number("since", "-1").is_err());
         assert!(whole_number("since", "1.5").is_err());
         assert!(whole_number("since", "abc").is_err());
+    }
+
+    #[test]
+    fn flags() {
+        assert_eq!(flag("patches", "1"), Ok(true));
+        assert_eq!(flag("patches", "true"), Ok(true));
+        assert_eq!(flag("patches", "0"), Ok(false));
+        assert_eq!(flag("patches", "false"), Ok(false));
+        for bad in ["maybe", "", "yes", "TRUE", "2"] {
+            assert!(flag("patches", bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -393,8 +393,11 @@ impl<S: Storage> Session<'_, S> {
                 device_id,
                 since_version,
                 limit,
-                patches: _,
-            } => self.sync(request_id, device_id, since_version, limit).await,
+                patches,
+            } => {
+                self.sync(request_id, device_id, since_version, limit, patches)
+                    .await
+            }
             ClientMessage::PushOperations {
                 request_id,
                 device_id,
@@ -416,6 +419,7 @@ impl<S: Storage> Session<'_, S> {
         device_id: Option<String>,
         since: u64,
         limit: Option<u64>,
+        patches: bool,
     ) -> String {
         if let Some(device_id) = &device_id {
             if let Err(e) = validate::check_device(device_id, &self.state.settings.limits) {
@@ -433,7 +437,7 @@ impl<S: Storage> Session<'_, S> {
         let limit = limit.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
         match self
             .state
-            .fetch(self.ns, since, limit, device_id.as_deref())
+            .fetch(self.ns, since, limit, device_id.as_deref(), patches)
             .await
         {
             Ok(page) => {

@@ -412,3 +412,108 @@ async fn patched_update_over_websocket_fans_out_whole() {
     assert_eq!(synced["operations"][0]["data"], v2);
     assert_eq!(synced["version"], 2);
 }
+
+/// A patched form served to a client that asked for it: no `data`, and its
+/// patch turns `previous` into the story its `content_hash` names.
+fn assert_patched_form(served: &Value, previous: &Value, version: u64, base: u64) -> Value {
+    assert!(served.get("data").is_none(), "{served}");
+    assert_eq!(
+        (served["version"].clone(), served["base_version"].clone()),
+        (json!(version), json!(base))
+    );
+    let patch = core_value(&served["patch"]);
+    let story = sync_core::patch::apply(&core_value(previous), &patch).expect("the patch applies");
+    assert_eq!(
+        served["content_hash"],
+        json!(content_hash(Some(&story))),
+        "the patched story is the one the hash names"
+    );
+    serde_json::to_value(story).expect("plain JSON")
+}
+
+#[tokio::test]
+async fn patched_updates_are_served_patched_to_clients_that_ask() {
+    let (app, _dir) = app(Settings::default()).await;
+    let (v1, v2) = (epic("Once."), epic("Once, rewritten."));
+    call(&app, post(push_body("a", &[create("full", &v1)]))).await;
+    let (_, pushed) = call(&app, post(push_body("a", &[patched("p1", 1, &v1, &v2)]))).await;
+    assert_eq!(pushed["version"], 2);
+
+    let (status, fetched) = call(&app, get("/operations?device=b&since=1&patches=1")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (fetched["version"].clone(), fetched["has_more"].clone()),
+        (json!(2), json!(false))
+    );
+    let served = &fetched["operations"][0];
+    assert!(served.to_string().len() < 600, "{served}");
+    assert_eq!(assert_patched_form(served, &v1, 2, 1), v2);
+    let (_, also) = call(&app, get("/operations?device=b&since=1&patches=true")).await;
+    assert_eq!(&also["operations"][0], served);
+
+    let (_, whole) = call(&app, get("/operations?device=b&since=1")).await;
+    assert_eq!(whole["operations"][0]["data"], v2);
+    let (_, declined) = call(&app, get("/operations?device=b&since=1&patches=0")).await;
+    assert_eq!(declined, whole);
+    let (_, snapshot) = call(&app, get("/operations?device=b&since=0&patches=1")).await;
+    assert_eq!(
+        snapshot["operations"][0]["data"], v2,
+        "a snapshot holds no base"
+    );
+
+    assert_eq!(
+        call(&app, get("/operations?device=b&since=1&patches=maybe")).await,
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"error": "query parameter `patches`: must be 1, true, 0 or false"})
+        )
+    );
+}
+
+#[tokio::test]
+async fn sync_requests_with_patches_get_patched_updates() {
+    let (app, _dir) = app(Settings::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let url = format!("ws://{}/ws", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut writer = authenticated(&url, "a").await;
+    let mut reader = authenticated(&url, "b").await;
+    let (v1, v2) = (epic("Once."), epic("Once, rewritten."));
+    send(
+        &mut writer,
+        json!({"type": "push_operations", "request_id": 1, "device_id": "a",
+               "operations": [create("full", &v1)]}),
+    )
+    .await;
+    assert_eq!(receive(&mut writer).await["version"], 1);
+    send(
+        &mut writer,
+        json!({"type": "push_operations", "request_id": 2, "device_id": "a",
+               "operations": [patched("p1", 1, &v1, &v2)]}),
+    )
+    .await;
+    assert_eq!(receive(&mut writer).await["version"], 2);
+    let change = receive(&mut reader).await;
+    assert_eq!(change["operation"]["data"], v1);
+    let change = receive(&mut reader).await;
+    assert_eq!(change["operation"]["data"], v2, "remote_change stays whole");
+
+    send(
+        &mut reader,
+        json!({"type": "sync_request", "request_id": 3, "device_id": "b",
+               "since_version": 1, "patches": true}),
+    )
+    .await;
+    let synced = receive(&mut reader).await;
+    assert_eq!(synced["type"], "sync_response");
+    assert_eq!(synced["version"], 2);
+    assert_eq!(assert_patched_form(&synced["operations"][0], &v1, 2, 1), v2);
+    send(
+        &mut reader,
+        json!({"type": "sync_request", "request_id": 4, "device_id": "b", "since_version": 1}),
+    )
+    .await;
+    assert_eq!(receive(&mut reader).await["operations"][0]["data"], v2);
+}

@@ -15,6 +15,10 @@
 //! new device starting from 0) gets each story's current state rather than its
 //! whole history. A superseded operation keeps its id and sequence number (for
 //! idempotency and conflict checks) but its content is dropped.
+//!
+//! A patched update is stored whole (`body`) and, beside it, in its *patched
+//! form* (`patched_body`, made against `patch_base`): fetches of clients that
+//! apply patches get that form when they already hold the base.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -116,6 +120,9 @@ pub struct FetchRequest<'a> {
     pub exclude_device: Option<&'a str>,
     /// With `since == 0` (a snapshot), leave out deletions received before this Unix time.
     pub tombstone_cutoff: i64,
+    /// The client applies patched updates: serve an operation's patched form
+    /// when its base is at or before `since` (the client holds that base).
+    pub patches: bool,
 }
 
 /// One page of a fetch.
@@ -212,7 +219,40 @@ pub struct NewRow {
     pub story_id: String,
     pub op_type: OpType,
     pub live: bool,
+    /// The whole operation, as fetched and fanned out.
     pub json: String,
+    /// An accepted patched update's patched form.
+    pub patched: Option<PatchedForm>,
+}
+
+/// A patched update as served to clients that apply patches: the stored
+/// operation's members without `data`, with `patch` and `content_hash`.
+#[derive(Debug)]
+pub struct PatchedForm {
+    /// The sequence number of the story content the patch applies to.
+    pub base: u64,
+    pub json: String,
+}
+
+impl NewRow {
+    /// The `body` column: a row superseded within its own push keeps no content.
+    pub fn body(&self) -> Option<&str> {
+        self.live.then_some(self.json.as_str())
+    }
+
+    /// The `patched_body` column, kept (like `body`) only while the row is live.
+    pub fn patched_body(&self) -> Option<&str> {
+        self.live_patched_form().map(|form| form.json.as_str())
+    }
+
+    /// The `patch_base` column.
+    pub fn patch_base(&self) -> Option<u64> {
+        self.live_patched_form().map(|form| form.base)
+    }
+
+    fn live_patched_form(&self) -> Option<&PatchedForm> {
+        self.patched.as_ref().filter(|_| self.live)
+    }
 }
 
 /// Which of a story's existing live operations a push supersedes.
@@ -297,8 +337,9 @@ pub(crate) fn is_patched(op: &Operation) -> bool {
 ///   operation on that story in the same push (they build on the rejected one).
 ///   Several operations on one story in one push may share a `base_version`.
 /// - A patched update that passes those checks is stored as the full update it
-///   stands for, or refused as `patch_rejected` (see [`patched_story`]), and so
-///   is every later operation on its story in the same push.
+///   stands for, and kept in its patched form too, or refused as
+///   `patch_rejected` (see [`patched_story`]), and so is every later operation
+///   on its story in the same push.
 /// - Operations without `base_version` (old clients) are always accepted.
 pub fn plan_push(
     device_id: &str,
@@ -361,14 +402,12 @@ pub fn plan_push(
         });
         let stale = op.base_version.is_some_and(|base| head_before > base);
         let mut rejection = story.rejected.or(stale.then_some(CONCURRENT_MODIFICATION));
+        let mut patched_content = None;
         if rejection.is_none() && is_patched(&op) {
             let base = patch_bases.get(&op.story_id);
             match patched_story(&op, head_before, !story.has_rows(), base)? {
                 Some(content) => {
-                    // Stored, fetched and fanned out exactly as if sent whole.
-                    op.data = Some(content);
-                    op.extra.remove(PATCH);
-                    op.extra.remove(CONTENT_HASH);
+                    patched_content = Some(content);
                     plan.patches_applied += 1;
                 }
                 None => {
@@ -391,6 +430,22 @@ pub fn plan_push(
         if op.device_id.is_empty() {
             device_id.clone_into(&mut op.device_id);
         }
+        let patched = match patched_content {
+            Some(content) => {
+                // As received plus the server's stamps, the operation is its
+                // patched form; it is stored, fetched and fanned out whole.
+                let form = PatchedForm {
+                    // patched_story accepts a patch only on the story's head.
+                    base: head_before,
+                    json: serde_json::to_string(&op)?,
+                };
+                op.data = Some(content);
+                op.extra.remove(PATCH);
+                op.extra.remove(CONTENT_HASH);
+                Some(form)
+            }
+            None => None,
+        };
         let index = plan.rows.len();
         if op.op_type == OpType::MetadataUpdate {
             if let Some(previous) = story.last_metadata_row.replace(index) {
@@ -427,6 +482,7 @@ pub fn plan_push(
             story_id: op.story_id,
             op_type: op.op_type,
             live: true,
+            patched,
         });
     }
 
@@ -761,6 +817,49 @@ mod tests {
         assert!(!row.extra.contains_key(PATCH));
         assert!(!row.extra.contains_key(CONTENT_HASH));
         assert_eq!(plan.supersede, vec![("s".to_string(), Supersede::All)]);
+    }
+
+    #[test]
+    fn an_accepted_patch_keeps_its_patched_form() {
+        let sent = patched("p", "s", 5, &story("old"), &story("new"));
+        let plan = plan_on_s(vec![sent.clone()], 5, 5);
+        let row = &plan.rows[0];
+        assert_eq!(row.patch_base(), Some(5));
+        let served: Operation = serde_json::from_str(row.patched_body().unwrap()).unwrap();
+        let mut whole = stored_operation(row);
+        assert_eq!(
+            served,
+            Operation {
+                data: None,
+                extra: sent.extra,
+                ..whole.clone()
+            }
+        );
+        whole.data = patch::apply(&story("old"), &served.extra[PATCH]).ok();
+        assert_eq!(whole, stored_operation(row));
+    }
+
+    #[test]
+    fn a_patched_update_superseded_in_its_push_keeps_no_patched_form() {
+        let plan = plan_on_s(
+            vec![
+                patched("p", "s", 5, &story("old"), &story("new")),
+                op("u", "s", OpType::Update, Some(5)),
+            ],
+            5,
+            5,
+        );
+        assert!(plan.conflicts.is_empty());
+        let superseded = &plan.rows[0];
+        assert!(superseded.patched.is_some() && !superseded.live);
+        assert_eq!(
+            (
+                superseded.body(),
+                superseded.patched_body(),
+                superseded.patch_base()
+            ),
+            (None, None, None)
+        );
     }
 
     #[test]

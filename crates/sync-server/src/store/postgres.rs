@@ -20,8 +20,8 @@ use tokio_postgres::{AsyncMessage, IsolationLevel, NoTls};
 use super::sqlite::{finish_page, stored_op};
 use super::{
     fingerprint, from_sql_seq, is_patched, plan_push, select_key, to_sql_seq, ExistingOp,
-    FetchPage, FetchRequest, KeyRecord, NamespaceId, PushNotice, PushOutcome, Storage, StoreError,
-    StoredOp, Supersede,
+    FetchPage, FetchRequest, KeyRecord, NamespaceId, NewRow, PushNotice, PushOutcome, Storage,
+    StoreError, StoredOp, Supersede,
 };
 use crate::keys::{hashes_match, KeyHash};
 
@@ -56,8 +56,13 @@ CREATE TABLE IF NOT EXISTS operations (
     received_at BIGINT NOT NULL,
     live BOOLEAN NOT NULL,
     body TEXT,
+    patched_body TEXT,
+    patch_base BIGINT,
     PRIMARY KEY (ns, seq)
 );
+-- Databases created before patched forms were kept.
+ALTER TABLE operations ADD COLUMN IF NOT EXISTS patched_body TEXT,
+    ADD COLUMN IF NOT EXISTS patch_base BIGINT;
 CREATE UNIQUE INDEX IF NOT EXISTS operations_by_id ON operations (ns, op_id);
 CREATE INDEX IF NOT EXISTS operations_by_story ON operations (ns, story_id, seq);
 CREATE INDEX IF NOT EXISTS operations_live ON operations (ns, seq) WHERE live;
@@ -266,9 +271,11 @@ impl Storage for PostgresStore {
             let story_ids: Vec<&str> = rows.iter().map(|r| r.story_id.as_str()).collect();
             let types: Vec<&str> = rows.iter().map(|r| r.op_type.as_str()).collect();
             let live: Vec<bool> = rows.iter().map(|r| r.live).collect();
-            let bodies: Vec<Option<&str>> = rows
+            let bodies: Vec<Option<&str>> = rows.iter().map(NewRow::body).collect();
+            let patched_bodies: Vec<Option<&str>> = rows.iter().map(NewRow::patched_body).collect();
+            let patch_bases: Vec<Option<i64>> = rows
                 .iter()
-                .map(|r| r.live.then_some(r.json.as_str()))
+                .map(|r| r.patch_base().map(to_sql_seq))
                 .collect();
             let notice = PushNotice {
                 server: self.server_id.clone(),
@@ -285,25 +292,28 @@ impl Storage for PostgresStore {
             let write = tx
                 .prepare_cached(
                     "WITH superseded AS (
-                         UPDATE operations o SET live = false, body = NULL
-                         FROM UNNEST($10::text[]) AS s(story_id)
+                         UPDATE operations o
+                         SET live = false, body = NULL, patched_body = NULL, patch_base = NULL
+                         FROM UNNEST($12::text[]) AS s(story_id)
                          WHERE o.ns = $1 AND o.live AND o.story_id = s.story_id
                      ), superseded_metadata AS (
                          UPDATE operations o SET live = false, body = NULL
-                         FROM UNNEST($11::text[]) AS s(story_id)
+                         FROM UNNEST($13::text[]) AS s(story_id)
                          WHERE o.ns = $1 AND o.live AND o.op_type = 'metadata_update'
                            AND o.story_id = s.story_id
                      ), inserted AS (
                          INSERT INTO operations
-                           (ns, seq, op_id, story_id, op_type, device_id, received_at, live, body)
-                         SELECT $1, u.seq, u.op_id, u.story_id, u.op_type, $2, $3, u.live, u.body
+                           (ns, seq, op_id, story_id, op_type, device_id, received_at, live, body,
+                            patched_body, patch_base)
+                         SELECT $1, u.seq, u.op_id, u.story_id, u.op_type, $2, $3, u.live, u.body,
+                                u.patched_body, u.patch_base
                          FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::text[],
-                                     $8::bool[], $9::text[])
-                           AS u(seq, op_id, story_id, op_type, live, body)
+                                     $8::bool[], $9::text[], $10::text[], $11::bigint[])
+                           AS u(seq, op_id, story_id, op_type, live, body, patched_body, patch_base)
                      ), advanced AS (
-                         UPDATE namespaces SET seq = $12 WHERE ns = $1
+                         UPDATE namespaces SET seq = $14 WHERE ns = $1
                      )
-                     SELECT pg_notify($13, $14)",
+                     SELECT pg_notify($15, $16)",
                 )
                 .await?;
             tx.query(
@@ -318,6 +328,8 @@ impl Storage for PostgresStore {
                     &types,
                     &live,
                     &bodies,
+                    &patched_bodies,
+                    &patch_bases,
                     &all,
                     &metadata_only,
                     &to_sql_seq(plan.version),
@@ -338,12 +350,17 @@ impl Storage for PostgresStore {
     ) -> Result<FetchPage, StoreError> {
         let client = self.pool.get().await?;
         // A single statement reads one snapshot: the version and the page agree.
+        // A row's patched form (when it has one: `patch_base` is NULL otherwise)
+        // goes to a client that applies patches and holds the base.
         let statement = client
             .prepare_cached(
                 "SELECT h.head, o.seq, o.body
                  FROM (SELECT COALESCE((SELECT seq FROM namespaces WHERE ns = $1), 0) AS head) h
                  LEFT JOIN LATERAL (
-                     SELECT seq, body FROM operations
+                     SELECT seq,
+                            CASE WHEN $7 AND patch_base <= $2 THEN patched_body ELSE body END
+                              AS body
+                     FROM operations
                      WHERE ns = $1 AND live AND seq > $2 AND device_id <> $3
                        AND NOT ($4 AND op_type = 'delete' AND received_at < $5)
                      ORDER BY seq LIMIT $6
@@ -363,6 +380,7 @@ impl Storage for PostgresStore {
                     &(request.since == 0),
                     &request.tombstone_cutoff,
                     &fetch_limit,
+                    &request.patches,
                 ],
             )
             .await?;

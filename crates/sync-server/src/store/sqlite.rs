@@ -26,6 +26,7 @@ const IDLE_READERS: usize = 8;
 /// How long a statement waits for a lock held by another process (e.g. `keys add`).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The schema of a new database; [`migrate`] brings older ones up to it.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS api_keys (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -48,13 +49,18 @@ CREATE TABLE IF NOT EXISTS operations (
     received_at INTEGER NOT NULL,
     live INTEGER NOT NULL,
     body TEXT,
+    patched_body TEXT,
+    patch_base INTEGER,
     PRIMARY KEY (ns, seq)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS operations_by_id ON operations (ns, op_id);
 CREATE INDEX IF NOT EXISTS operations_by_story ON operations (ns, story_id, seq);
 CREATE INDEX IF NOT EXISTS operations_live ON operations (ns, seq) WHERE live = 1;
-PRAGMA user_version = 1;
 ";
+
+/// `PRAGMA user_version` of a database with [`SCHEMA`]. Version 1 had no
+/// patched forms (`patched_body`, `patch_base`).
+const SCHEMA_VERSION: i64 = 2;
 
 /// How hard SQLite works to make a commit survive a power cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -86,7 +92,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl SqliteStore {
     /// Opens (creating if needed) the database file.
     pub fn open(path: &Path, durability: SqliteDurability) -> Result<Self, StoreError> {
-        let writer = Connection::open(path)?;
+        let mut writer = Connection::open(path)?;
         writer.busy_timeout(BUSY_TIMEOUT)?;
         writer.pragma_update(None, "journal_mode", "WAL")?;
         let synchronous = match durability {
@@ -94,7 +100,7 @@ impl SqliteStore {
             SqliteDurability::Normal => "NORMAL",
         };
         writer.pragma_update(None, "synchronous", synchronous)?;
-        writer.execute_batch(SCHEMA)?;
+        migrate(&mut writer)?;
         Ok(SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             readers: Arc::new(ReaderPool {
@@ -125,6 +131,32 @@ impl SqliteStore {
         })
         .await?
     }
+}
+
+/// Creates the schema in a new database, or upgrades an older one, in one
+/// transaction (another process, e.g. `keys add`, may open the file at the same time).
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    tx.execute_batch(SCHEMA)?;
+    // A new database has just got the columns; an older one's table was kept.
+    let has_patched_forms: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('operations') WHERE name = 'patched_body')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_patched_forms {
+        tx.execute_batch(
+            "ALTER TABLE operations ADD COLUMN patched_body TEXT;
+             ALTER TABLE operations ADD COLUMN patch_base INTEGER;",
+        )?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
 }
 
 impl ReaderPool {
@@ -215,7 +247,8 @@ fn push_blocking(
     )?;
     if !plan.rows.is_empty() {
         let mut supersede_all = tx.prepare_cached(
-            "UPDATE operations INDEXED BY operations_by_story SET live = 0, body = NULL
+            "UPDATE operations INDEXED BY operations_by_story
+             SET live = 0, body = NULL, patched_body = NULL, patch_base = NULL
              WHERE ns = ?1 AND story_id = ?2 AND live = 1",
         )?;
         let mut supersede_metadata = tx.prepare_cached(
@@ -229,8 +262,10 @@ fn push_blocking(
             };
         }
         let mut insert = tx.prepare_cached(
-            "INSERT INTO operations (ns, seq, op_id, story_id, op_type, device_id, received_at, live, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO operations
+               (ns, seq, op_id, story_id, op_type, device_id, received_at, live, body,
+                patched_body, patch_base)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?;
         for row in &plan.rows {
             insert.execute(params![
@@ -242,7 +277,9 @@ fn push_blocking(
                 device_id,
                 received_at,
                 row.live,
-                row.live.then_some(row.json.as_str()),
+                row.body(),
+                row.patched_body(),
+                row.patch_base().map(to_sql_seq),
             ])?;
         }
         tx.execute(
@@ -267,8 +304,11 @@ fn fetch_blocking(
         })
         .optional()?
         .unwrap_or(0);
+    // A row's patched form (when it has one: `patch_base` is NULL otherwise)
+    // goes to a client that applies patches and holds the base.
     let mut query = tx.prepare_cached(
-        "SELECT seq, body FROM operations INDEXED BY operations_live
+        "SELECT seq, CASE WHEN ?7 AND patch_base <= ?2 THEN patched_body ELSE body END
+         FROM operations INDEXED BY operations_live
          WHERE ns = ?1 AND live = 1 AND seq > ?2 AND device_id <> ?3
            AND NOT (?4 AND op_type = 'delete' AND received_at < ?5)
          ORDER BY seq LIMIT ?6",
@@ -284,6 +324,7 @@ fn fetch_blocking(
             request.since == 0,
             request.tombstone_cutoff,
             fetch_limit,
+            request.patches,
         ],
         |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
     )?;
@@ -335,6 +376,7 @@ struct OwnedFetch {
     limit: Option<usize>,
     exclude_device: String,
     tombstone_cutoff: i64,
+    patches: bool,
 }
 
 fn key_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
@@ -387,6 +429,7 @@ impl Storage for SqliteStore {
             limit: request.limit,
             exclude_device: request.exclude_device.unwrap_or_default().to_owned(),
             tombstone_cutoff: request.tombstone_cutoff,
+            patches: request.patches,
         };
         self.read(move |conn| fetch_blocking(conn, ns, request))
             .await

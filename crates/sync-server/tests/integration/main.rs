@@ -70,6 +70,8 @@ fn main() {
         operations::tls on SQLITE,
         operations::base_path on SQLITE,
         patches::stores_apply_patches_in_the_push_transaction on BOTH,
+        patches::stores_serve_patched_forms_to_clients_holding_the_base on BOTH,
+        patches::databases_from_before_patched_forms_are_migrated on BOTH,
         crash::acknowledged_pushes_survive_kill9 on BOTH,
         load::thirty_two_clients on BOTH,
         security::isolation_on_every_route on BOTH,
