@@ -323,6 +323,20 @@ async fn authenticated(url: &str, device: &str) -> Socket {
     socket
 }
 
+/// The router served on a loopback port, and two authenticated sockets to
+/// it: devices `a` (the writer) and `b` (the reader).
+async fn served_socket_pair() -> (TempDir, Socket, Socket) {
+    let (app, dir) = app(Settings::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let url = format!("ws://{}/ws", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let writer = authenticated(&url, "a").await;
+    let reader = authenticated(&url, "b").await;
+    (dir, writer, reader)
+}
+
 async fn send(socket: &mut Socket, message: Value) {
     socket
         .send(Message::text(message.to_string()))
@@ -346,14 +360,7 @@ async fn receive(socket: &mut Socket) -> Value {
 
 #[tokio::test]
 async fn patched_update_over_websocket_fans_out_whole() {
-    let (app, _dir) = app(Settings::default()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("listener");
-    let url = format!("ws://{}/ws", listener.local_addr().expect("address"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let mut writer = authenticated(&url, "a").await;
-    let mut reader = authenticated(&url, "b").await;
+    let (_dir, mut writer, mut reader) = served_socket_pair().await;
     let (v1, v2) = (epic("Once."), epic("Once, rewritten."));
 
     send(
@@ -472,14 +479,7 @@ async fn patched_updates_are_served_patched_to_clients_that_ask() {
 
 #[tokio::test]
 async fn sync_requests_with_patches_get_patched_updates() {
-    let (app, _dir) = app(Settings::default()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("listener");
-    let url = format!("ws://{}/ws", listener.local_addr().expect("address"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let mut writer = authenticated(&url, "a").await;
-    let mut reader = authenticated(&url, "b").await;
+    let (_dir, mut writer, mut reader) = served_socket_pair().await;
     let (v1, v2) = (epic("Once."), epic("Once, rewritten."));
     send(
         &mut writer,

@@ -872,8 +872,9 @@ fn small_stories_and_servers_without_the_feature_get_whole_stories() {
         .contains_key(PATCH));
 }
 
-#[test]
-fn a_device_holding_the_base_receives_an_edit_as_a_patch() {
+/// Two devices holding a long story, then `a` edits one passage and pushes
+/// it. With `forget_bases`, `b` has lost its base snapshots before that.
+fn long_story_edited_on_a(forget_bases: bool) -> (Rc<RefCell<Server>>, Device, Device) {
     let s = patching_server();
     let (mut a, mut b) = (
         Device::new("a", &s, ConflictStrategy::LastWriteWins),
@@ -882,8 +883,20 @@ fn a_device_holding_the_base_receives_an_edit_as_a_patch() {
     a.write("epic", &long_story(200, None));
     a.sync().unwrap();
     b.sync().unwrap();
+    if forget_bases {
+        for shard in 0..bases::SHARDS {
+            let key = format!("{}{shard}", bases::BASE_KEY_PREFIX);
+            b.state.store_mut().delete(&key).unwrap();
+        }
+    }
     a.write("epic", &long_story(200, Some(50)));
     a.sync().unwrap();
+    (s, a, b)
+}
+
+#[test]
+fn a_device_holding_the_base_receives_an_edit_as_a_patch() {
+    let (s, a, mut b) = long_story_edited_on_a(false);
     let fetches = s.borrow().fetches;
     assert_eq!(b.sync().unwrap().applied, 1);
     assert_eq!(s.borrow().patches_served, 1);
@@ -893,22 +906,7 @@ fn a_device_holding_the_base_receives_an_edit_as_a_patch() {
 
 #[test]
 fn a_patch_against_a_base_this_device_lacks_is_fetched_again_whole() {
-    let s = patching_server();
-    let (mut a, mut b) = (
-        Device::new("a", &s, ConflictStrategy::LastWriteWins),
-        Device::new("b", &s, ConflictStrategy::LastWriteWins),
-    );
-    a.write("epic", &long_story(200, None));
-    a.sync().unwrap();
-    b.sync().unwrap();
-    let base_records: Vec<String> = (0..bases::SHARDS)
-        .map(|shard| format!("{}{shard}", bases::BASE_KEY_PREFIX))
-        .collect();
-    for key in &base_records {
-        b.state.store_mut().delete(key).unwrap();
-    }
-    a.write("epic", &long_story(200, Some(50)));
-    a.sync().unwrap();
+    let (s, a, mut b) = long_story_edited_on_a(true);
     let fetches = s.borrow().fetches;
     assert_eq!(b.sync().unwrap().applied, 1);
     assert_eq!(s.borrow().patches_served, 1);
@@ -918,20 +916,7 @@ fn a_patch_against_a_base_this_device_lacks_is_fetched_again_whole() {
 
 #[test]
 fn a_server_that_keeps_sending_an_unusable_patch_fails_the_sync_and_changes_nothing() {
-    let s = patching_server();
-    let (mut a, mut b) = (
-        Device::new("a", &s, ConflictStrategy::LastWriteWins),
-        Device::new("b", &s, ConflictStrategy::LastWriteWins),
-    );
-    a.write("epic", &long_story(200, None));
-    a.sync().unwrap();
-    b.sync().unwrap();
-    for shard in 0..bases::SHARDS {
-        let key = format!("{}{shard}", bases::BASE_KEY_PREFIX);
-        b.state.store_mut().delete(&key).unwrap();
-    }
-    a.write("epic", &long_story(200, Some(50)));
-    a.sync().unwrap();
+    let (s, a, mut b) = long_story_edited_on_a(true);
     let before = b.story("epic");
     s.borrow_mut().forces_patches = true;
     let error = b.sync().unwrap_err().to_string();
