@@ -25,7 +25,7 @@ use sync_core::engine::{
     EngineConfig, FetchPage, Host, HostError, Outcome, Progress, PushReply, Storage, StoryEntry,
     StoryFilter, SyncError, SyncReport, Transport,
 };
-use sync_core::patch::PATCH;
+use sync_core::patch::{self, PATCH};
 use sync_core::protocol::{now_seconds, ConflictStrategy, ConflictType, OpType, Operation};
 use sync_core::state::{status, StateManager, TransientStore};
 use sync_core::value::Value;
@@ -373,6 +373,8 @@ struct LuaStorage {
     storage: Option<Table>,
     signals: Rc<Signals>,
     hashed: HashedStories,
+    /// Bytes of JSON of the stories hashed this sync (hashing writes it all).
+    json_lens: HashMap<String, usize>,
     /// The storage's load method, looked up once per sync: a sync loads
     /// every story it hashes.
     load_method: RefCell<Option<StorageMethod>>,
@@ -393,6 +395,7 @@ impl LuaStorage {
             storage,
             signals: Rc::clone(&handle.signals),
             hashed: HashedStories::default(),
+            json_lens: HashMap::new(),
             load_method: RefCell::default(),
         }
     }
@@ -514,8 +517,9 @@ impl Storage for LuaStorage {
         })
         .map_err(|e| HostError(callback_message(&e)))?;
         match (hashed, hash) {
-            (Ok(_), Some(hash)) => {
+            (Ok(_), Some((hash, json_len))) => {
                 self.hashed.borrow_mut().insert(id.to_owned(), story);
+                self.json_lens.insert(id.to_owned(), json_len);
                 Ok(Some(hash))
             }
             // Unusual content: convert it, which hashes it or says what is wrong.
@@ -523,12 +527,31 @@ impl Storage for LuaStorage {
         }
     }
 
+    fn json_len(&mut self, id: &str) -> Result<Option<usize>, HostError> {
+        if let Some(len) = self.json_lens.get(id) {
+            return Ok(Some(*len));
+        }
+        Ok(match self.hash(id)? {
+            None => None,
+            Some(_) => Some(match self.json_lens.get(id) {
+                Some(len) => *len,
+                // Hashed by conversion: measure the conversion.
+                None => self
+                    .load(id)?
+                    .and_then(|story| patch::json_len(&story))
+                    .unwrap_or(0),
+            }),
+        })
+    }
+
     fn save(&mut self, id: &str, story: &Value) -> Result<(), HostError> {
+        self.json_lens.remove(id);
         let table = to_lua(&self.lua, story).map_err(|e| HostError(callback_message(&e)))?;
         self.write(["save_story", "save"], id, Some(table), false)
     }
 
     fn delete(&mut self, id: &str) -> Result<(), HostError> {
+        self.json_lens.remove(id);
         self.write(["delete_story", "delete"], id, None, true)
     }
 

@@ -45,8 +45,9 @@ thread_local! {
     static SCRATCH: RefCell<ContentHasher> = RefCell::new(ContentHasher::new());
 }
 
-/// The content hash of the story table at `idx` (see `content_hash`).
-pub(crate) unsafe fn story_hash(state: State, idx: c_int) -> Result<String, NotInPlace> {
+/// The content hash of the story table at `idx` (see `content_hash`), and
+/// the length of the JSON it was computed from.
+pub(crate) unsafe fn story_hash(state: State, idx: c_int) -> Result<(String, usize), NotInPlace> {
     let idx = ffi::lua_absindex(state, idx);
     if ffi::lua_type(state, idx) != ffi::LUA_TTABLE {
         return Err(NotInPlace);
@@ -68,11 +69,13 @@ pub(crate) unsafe fn story_hash(state: State, idx: c_int) -> Result<String, NotI
         };
         writer.value(idx, skip)?;
         let body = writer.out.digest();
-        if !has_metadata {
-            return Ok(combine_hash(body, None));
-        }
-        writer.value(metadata, None)?;
-        Ok(combine_hash(body, Some(writer.out.digest())))
+        let hash = if has_metadata {
+            writer.value(metadata, None)?;
+            combine_hash(body, Some(writer.out.digest()))
+        } else {
+            combine_hash(body, None)
+        };
+        Ok((hash, writer.out.digested()))
     });
     ffi::lua_settop(state, metadata - 1);
     result
@@ -337,7 +340,7 @@ mod tests {
         let mut hashes = (None, None);
         raw::with_stack(&lua, table, |state| unsafe {
             hashes = (
-                super::story_hash(state, 1).ok(),
+                super::story_hash(state, 1).ok().map(|(hash, _)| hash),
                 raw::to_value(state, 1).ok(),
             );
             Ok::<(), ()>(())
@@ -366,8 +369,12 @@ mod tests {
             .unwrap()
             .unwrap();
             // Tables the document path cannot take are outside the property.
-            if let (Some(hash), Some(document)) = (in_place, document) {
+            if let (Some((hash, json_len)), Some(document)) = (in_place, document) {
                 prop_assert_eq!(hash, content_hash(Some(&document)), "{}", source);
+                // With metadata, its member name and separators are not hashed.
+                if document.get("metadata").is_none() {
+                    prop_assert_eq!(json_len, document.to_canonical_json().unwrap().len(), "{}", source);
+                }
             }
         }
     }

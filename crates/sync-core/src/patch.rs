@@ -74,7 +74,7 @@ pub fn apply(base: &Value, patch: &Value) -> Result<Value, PatchError> {
 
 /// Length of `value`'s JSON text, without building it; `None` when it is not
 /// JSON (NaN, infinities).
-fn json_len(value: &Value) -> Option<usize> {
+pub fn json_len(value: &Value) -> Option<usize> {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use crate::state::{StateManager, StateStore};
 use crate::value::{Map, Value};
 
-use super::{content_hash, SyncError};
+use super::{content_hash, HostError, SyncError};
+use crate::patch::MIN_STORY_BYTES;
 
 /// Number of base records.
 pub const SHARDS: u32 = 16;
@@ -61,9 +62,13 @@ impl BaseStore {
         self.patchable = true;
     }
 
-    /// Whether any story's base is kept (callers skip loading content otherwise).
-    pub fn is_recording(&self) -> bool {
-        self.all || self.patchable
+    /// Whether the base of a story is kept, `json_len` giving its size (asked
+    /// only when that decides), so callers load only the content kept.
+    pub fn wants(
+        &self,
+        json_len: impl FnOnce() -> Result<Option<usize>, HostError>,
+    ) -> Result<bool, HostError> {
+        Ok(self.all || (self.patchable && json_len()?.is_some_and(|len| len >= MIN_STORY_BYTES)))
     }
 
     fn shard<S: StateStore>(

@@ -97,6 +97,13 @@ pub trait Storage {
     fn hash(&mut self, id: &str) -> Result<Option<String>, HostError> {
         Ok(self.load(id)?.map(|story| content_hash(Some(&story))))
     }
+    /// About how many bytes of JSON the story is (`None`: it does not exist),
+    /// to tell whether it is long enough to patch. The default converts it.
+    fn json_len(&mut self, id: &str) -> Result<Option<usize>, HostError> {
+        Ok(self
+            .load(id)?
+            .map(|story| patch::json_len(&story).unwrap_or(0)))
+    }
     fn save(&mut self, id: &str, story: &Value) -> Result<(), HostError>;
     fn delete(&mut self, id: &str) -> Result<(), HostError>;
     /// Sets a story's metadata through a dedicated call; `Ok(false)` when the
@@ -371,12 +378,20 @@ pub struct Engine {
 /// it, as 32 hex digits. Public so that callers holding stories in another
 /// form (Lua tables) can hash them without converting them first. The text
 /// is collected and hashed in one pass: JSON arrives in many small pieces.
-pub struct ContentHasher(Vec<u8>);
+pub struct ContentHasher {
+    text: Vec<u8>,
+    /// Bytes digested since the last reset: the length of a story's JSON
+    /// once all its parts are digested.
+    digested: usize,
+}
 
 impl Default for ContentHasher {
     fn default() -> Self {
         // Room for a typical story's JSON, so writing it rarely reallocates.
-        ContentHasher(Vec::with_capacity(4096))
+        ContentHasher {
+            text: Vec::with_capacity(4096),
+            digested: 0,
+        }
     }
 }
 
@@ -389,16 +404,22 @@ impl ContentHasher {
         self.digest()
     }
 
-    /// Drops the text written since the last digest.
+    /// Drops the text written since the last digest, and the count of bytes digested.
     pub fn reset(&mut self) {
-        self.0.clear();
+        self.text.clear();
+        self.digested = 0;
+    }
+
+    /// Bytes digested since the last reset.
+    pub fn digested(&self) -> usize {
+        self.digested
     }
 
     /// The digest of the text written since the last one; the buffer is
     /// kept for the next text.
     pub fn digest(&mut self) -> String {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let digest = Sha256::digest(&self.0)[..16]
+        let digest = Sha256::digest(&self.text)[..16]
             .iter()
             .flat_map(|b| {
                 [
@@ -407,7 +428,8 @@ impl ContentHasher {
                 ]
             })
             .collect();
-        self.0.clear();
+        self.digested += self.text.len();
+        self.text.clear();
         digest
     }
 }
@@ -415,13 +437,13 @@ impl ContentHasher {
 impl std::io::Write for ContentHasher {
     #[inline]
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.extend_from_slice(bytes);
+        self.text.extend_from_slice(bytes);
         Ok(bytes.len())
     }
 
     #[inline]
     fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.0.extend_from_slice(bytes);
+        self.text.extend_from_slice(bytes);
         Ok(())
     }
 
@@ -435,7 +457,10 @@ fn digest(value: &Value, skip: Option<&str>) -> String {
     let mut hasher = ContentHasher::new();
     if value.write_canonical_json(&mut hasher, skip).is_err() {
         // Not JSON (NaN, infinities): hash its debug form, which is stable too.
-        hasher = ContentHasher(format!("{value:?}").into_bytes());
+        hasher = ContentHasher {
+            text: format!("{value:?}").into_bytes(),
+            digested: 0,
+        };
     }
     hasher.finish()
 }
@@ -1343,7 +1368,7 @@ impl Engine {
                     updated_at: None,
                 }),
             );
-            if bases.is_recording() {
+            if bases.wants(|| storage.json_len(&op.story_id))? {
                 bases.set(&op.story_id, local.content(storage, &op.story_id)?);
             }
             round.report.pushed += 1;
