@@ -130,11 +130,13 @@ impl BaseStore {
                     None => map.remove(&id),
                 };
             }
-            let record = Value::Object(map.clone());
-            state
-                .store_mut()
-                .save(&key(shard), &record)
-                .map_err(|e| store_error("save", shard, e))?;
+            // Lent to the record and taken back: a shard can hold long stories.
+            let record = Value::Object(std::mem::take(map));
+            let saved = state.store_mut().save(&key(shard), &record);
+            if let Value::Object(map) = record {
+                self.shards.insert(shard, map);
+            }
+            saved.map_err(|e| store_error("save", shard, e))?;
         }
         Ok(())
     }

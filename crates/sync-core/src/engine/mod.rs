@@ -1456,10 +1456,9 @@ fn patch_update<S: StateStore>(
     };
     if let Some(patch) = patch::worthwhile(&base, &content) {
         op.extra.insert(PATCH.to_owned(), patch);
-        op.extra.insert(
-            CONTENT_HASH.to_owned(),
-            Value::Str(content_hash(Some(&content))),
-        );
+        // The hash the scan found for the story, which is this content.
+        let hash = local.hash(storage, &op.story_id)?;
+        op.extra.insert(CONTENT_HASH.to_owned(), Value::Str(hash));
     }
     Ok(())
 }
