@@ -519,16 +519,19 @@ describe("syncing through the reference server", function()
     return { title = "Epic", passages = list }
   end
 
-  local function sent_by(device, fn)
-    local before = device.state:get_stats().bandwidth_sent_bytes
+  --- Bytes `peer` counted under `stat` while `fn` ran.
+  local function bytes_during(peer, stat, fn)
+    local before = peer.state:get_stats()[stat]
     fn()
-    return device.state:get_stats().bandwidth_sent_bytes - before
+    return peer.state:get_stats()[stat] - before
   end
 
-  local function received_by(device, fn)
-    local before = device.state:get_stats().bandwidth_received_bytes
-    fn()
-    return device.state:get_stats().bandwidth_received_bytes - before
+  local function sent_by(peer, fn)
+    return bytes_during(peer, "bandwidth_sent_bytes", fn)
+  end
+
+  local function received_by(peer, fn)
+    return bytes_during(peer, "bandwidth_received_bytes", fn)
   end
 
   it("moves only the edited passage of a long story, both ways", function()
