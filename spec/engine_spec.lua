@@ -555,7 +555,7 @@ describe("syncing through the reference server", function()
     assert.equal(0, a.state:get_pending_count())
   end)
 
-  it("sends patches over WebSocket too", function()
+  it("moves patches over WebSocket too", function()
     local storage = story_service()
     local ws = WebSocketTransport.new({ ws_url = server.ws_url, api_key = server.api_key, device_id = "tablet" })
     local state = StateManager.new(storage)
@@ -565,14 +565,27 @@ describe("syncing through the reference server", function()
     local laptop = device("laptop")
     storage:save_story("epic", epic(300))
     assert(tablet.engine:sync_now())
+    assert(laptop.engine:sync_now())
+
     local story = storage:load_story("epic")
     table.insert(story.passages, 10, { name = "New passage", text = "Inserted." })
     storage:save_story("epic", story)
     local edit = sent_by(tablet, function() assert(tablet.engine:sync_now()) end)
-    ws:disconnect()
     assert.is_true(edit < 1024, "one inserted passage: " .. edit .. " bytes")
     assert(laptop.engine:sync_now())
     assert.same(story, laptop.storage:load_story("epic"))
+
+    -- Offline while the laptop edits: a connected socket would also get the
+    -- change live, as a whole remote_change.
+    ws:disconnect()
+    local edited = laptop.storage:load_story("epic")
+    edited.passages[200].text = "Rewritten on the laptop."
+    laptop.storage:save_story("epic", edited)
+    assert(laptop.engine:sync_now())
+    local pulled = received_by(tablet, function() assert(tablet.engine:sync_now()) end)
+    ws:disconnect()
+    assert.is_true(pulled > 0 and pulled < 1024, "one passage pulled: " .. pulled .. " bytes")
+    assert.same(edited, storage:load_story("epic"))
   end)
 
   it("applies a change pushed over WebSocket within a second", function()

@@ -587,6 +587,22 @@ impl Round {
     fn latest_pending(&self, id: &str) -> Option<&Operation> {
         self.pending.get(id).and_then(|ops| ops.last())
     }
+
+    /// Moves past this device's newly stored operations when they took the
+    /// sequence numbers right after the last version fetched: nothing another
+    /// device pushed lies between, so the next fetch starts after them, and
+    /// patches made against them count as seen (see [`crate::patch`]).
+    fn skip_own(&mut self, versions: impl Iterator<Item = u64>) {
+        let mut newer: Vec<u64> = versions.filter(|v| *v > self.server_version).collect();
+        newer.sort_unstable();
+        let follows = newer
+            .iter()
+            .zip(self.server_version + 1..)
+            .all(|(version, next)| *version == next);
+        if let (true, Some(last)) = (follows, newer.last()) {
+            self.server_version = *last;
+        }
+    }
 }
 
 impl Engine {
@@ -1372,6 +1388,9 @@ impl Engine {
                 bases.set(&op.story_id, local.content(storage, &op.story_id)?);
             }
             round.report.pushed += 1;
+        }
+        if !rejected {
+            round.skip_own(accepted.values().copied());
         }
         let reply = reply?;
         round.report.bytes_sent += reply.bytes_sent;

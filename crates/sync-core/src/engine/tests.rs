@@ -926,3 +926,64 @@ fn a_server_that_keeps_sending_an_unusable_patch_fails_the_sync_and_changes_noth
     b.sync().unwrap();
     assert_eq!(b.story("epic"), a.story("epic"));
 }
+
+#[test]
+fn a_push_right_after_the_last_fetch_moves_the_next_fetch_past_it() {
+    let s = server();
+    let (mut a, mut b) = (
+        Device::new("a", &s, ConflictStrategy::LastWriteWins),
+        Device::new("b", &s, ConflictStrategy::LastWriteWins),
+    );
+    a.write("one", r#"{"title":"One"}"#);
+    a.write("two", r#"{"title":"Two"}"#);
+    a.sync().unwrap();
+    assert_eq!(a.state.server_version(), 2, "its own operations 1 and 2");
+
+    // Another device's operation lands between a's fetch and a's push: a must
+    // still fetch it, so its version stays before the gap.
+    b.write("three", r#"{"title":"Three"}"#);
+    b.sync().unwrap();
+    a.write("one", r#"{"title":"One, edited"}"#);
+    a.engine
+        .sync(
+            &mut a.storage,
+            Some(&mut Interleaving {
+                inner: &mut a.link,
+                before_push: Some(Box::new(|| {
+                    let mut other = Device::new("c", &s, ConflictStrategy::LastWriteWins);
+                    other.write("four", r#"{"title":"Four"}"#);
+                    other.sync().unwrap();
+                })),
+            }),
+            &mut a.state,
+            &mut a.host,
+        )
+        .unwrap();
+    assert_eq!(a.state.server_version(), 3);
+    a.sync().unwrap();
+    assert_eq!(a.story("four").unwrap(), r#"{"title":"Four"}"#);
+}
+
+/// A link that runs something just before its first push.
+struct Interleaving<'a> {
+    inner: &'a mut Link,
+    before_push: Option<Box<dyn FnOnce() + 'a>>,
+}
+
+impl Transport for Interleaving<'_> {
+    fn fetch(&mut self, device: &str, since: u64, patches: bool) -> Result<FetchPage, HostError> {
+        self.inner.fetch(device, since, patches)
+    }
+
+    fn push(
+        &mut self,
+        device: &str,
+        operations: &[Operation],
+        content: &mut ContentSource<'_>,
+    ) -> Result<PushReply, HostError> {
+        if let Some(run) = self.before_push.take() {
+            run();
+        }
+        self.inner.push(device, operations, content)
+    }
+}
