@@ -11,6 +11,8 @@
 
 use thiserror::Error;
 
+use crate::engine::{content_hash, CONTENT_HASH};
+use crate::protocol::{OpType, Operation};
 use crate::value::{Map, Value};
 
 /// Member of an update operation carrying a patch instead of `data`, and the
@@ -70,6 +72,46 @@ pub fn apply(base: &Value, patch: &Value) -> Result<Value, PatchError> {
     json_patch::patch(&mut document, &patch)
         .map_err(|e| PatchError::Inapplicable(e.to_string()))?;
     serde_json::from_value(document).map_err(|e| PatchError::NotJson(e.to_string()))
+}
+
+/// `base` with `patch` applied, when that gives a story whose content hash is
+/// `expected` (what a patched update claims for its result).
+pub fn apply_checked(base: &Value, patch: &Value, expected: &str) -> Option<Value> {
+    apply(base, patch)
+        .ok()
+        .filter(|story| content_hash(Some(story)) == expected)
+}
+
+/// Whether an operation carries a patch (member [`PATCH`]) instead of its
+/// story's content.
+pub fn is_patched(op: &Operation) -> bool {
+    op.extra.contains_key(PATCH)
+}
+
+/// What is wrong with a patched update's shape, if anything: it must be an
+/// update with a patch list, the version the patch applies to and the content
+/// hash of its result, and no data.
+pub fn shape_problem(op: &Operation) -> Option<&'static str> {
+    if op.op_type != OpType::Update {
+        Some("patch is only allowed on update operations")
+    } else if op.data.is_some() {
+        Some("an update with a patch must not also carry data")
+    } else if op.base_version.is_none() {
+        Some("an update with a patch needs base_version")
+    } else if !matches!(op.extra.get(PATCH), Some(Value::Array(_))) {
+        Some("patch must be an array")
+    } else if !matches!(op.extra.get(CONTENT_HASH), Some(Value::Str(_))) {
+        Some("an update with a patch needs a string content_hash")
+    } else {
+        None
+    }
+}
+
+/// Takes a patched update's patch and the content hash it claims out of it
+/// (`None`, and the operation untouched, when it carries no patch).
+pub fn detach(op: &mut Operation) -> Option<(Value, Option<Value>)> {
+    let patch = op.extra.remove(PATCH)?;
+    Some((patch, op.extra.remove(CONTENT_HASH)))
 }
 
 /// Length of `value`'s JSON text, without building it; `None` when it is not

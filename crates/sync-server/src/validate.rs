@@ -2,10 +2,9 @@
 
 use axum::http::StatusCode;
 use serde::Deserialize;
-use sync_core::engine::CONTENT_HASH;
-use sync_core::patch::PATCH;
+use sync_core::patch;
 use sync_core::wire::operation_list;
-use sync_core::{OpType, Operation, Value};
+use sync_core::Operation;
 use thiserror::Error;
 
 use crate::config::Limits;
@@ -105,29 +104,13 @@ fn check_operation(op: &Operation, limits: &Limits) -> Result<(), String> {
         ));
     }
     check_story_id(&op.story_id, limits.max_story_id_bytes)?;
-    match op.extra.get(PATCH) {
-        Some(patch) => check_patched(op, patch),
-        None => Ok(()),
+    // Whether a patch applies is decided when it is stored.
+    if patch::is_patched(op) {
+        if let Some(problem) = patch::shape_problem(op) {
+            return Err(problem.to_owned());
+        }
     }
-}
-
-/// The shape of a patched update; whether its patch applies is decided when
-/// it is stored.
-fn check_patched(op: &Operation, patch: &Value) -> Result<(), String> {
-    let problem = if op.op_type != OpType::Update {
-        "patch is only allowed on update operations"
-    } else if op.data.is_some() {
-        "an update with a patch must not also carry data"
-    } else if op.base_version.is_none() {
-        "an update with a patch needs base_version"
-    } else if !matches!(patch, Value::Array(_)) {
-        "patch must be an array"
-    } else if !matches!(op.extra.get(CONTENT_HASH), Some(Value::Str(_))) {
-        "an update with a patch needs a string content_hash"
-    } else {
-        return Ok(());
-    };
-    Err(problem.to_owned())
+    Ok(())
 }
 
 /// Story ids become file names on clients, so anything that could escape a

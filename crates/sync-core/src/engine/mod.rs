@@ -170,7 +170,7 @@ pub type ContentSource<'a> = dyn FnMut(&str) -> Result<Option<Value>, HostError>
 pub fn needs_content(op: &Operation) -> bool {
     matches!(op.op_type, OpType::Create | OpType::Update)
         && op.data.is_none()
-        && !op.extra.contains_key(PATCH)
+        && !patch::is_patched(op)
 }
 
 /// `operations` ready for the wire: each create or update that
@@ -1355,7 +1355,7 @@ impl Engine {
         for (mut op, hash) in outgoing.into_iter().zip(hashes) {
             if rejected || conflicted.contains(&op.story_id) {
                 // Made against the base of this push; the next one makes its own.
-                op.extra.remove(PATCH);
+                patch::detach(&mut op);
                 if let (OpType::Create | OpType::Update, Some(hash)) = (op.op_type, &hash) {
                     op.extra
                         .insert(CONTENT_HASH.to_owned(), Value::Str(hash.clone()));
@@ -1429,10 +1429,9 @@ fn unpatch_page<S: StateStore>(
     round: &Round,
 ) -> Result<bool, SyncError> {
     for op in operations.iter_mut() {
-        let Some(patch) = op.extra.remove(PATCH) else {
+        let Some((patch, claimed)) = patch::detach(op) else {
             continue;
         };
-        let claimed = op.extra.remove(CONTENT_HASH);
         let Some(baseline) = round
             .baseline(state, &op.story_id)
             .filter(|b| Some(b.version) == op.base_version)
@@ -1443,14 +1442,13 @@ fn unpatch_page<S: StateStore>(
         let Some(base) = bases.get(state, &op.story_id, &baseline.hash)? else {
             return Ok(false);
         };
-        match patch::apply(&base, &patch) {
-            Ok(story)
-                if claimed.as_ref().and_then(Value::as_str)
-                    == Some(&content_hash(Some(&story))) =>
-            {
-                op.data = Some(story);
-            }
-            _ => return Ok(false),
+        let story = claimed
+            .as_ref()
+            .and_then(Value::as_str)
+            .and_then(|claimed| patch::apply_checked(&base, &patch, claimed));
+        match story {
+            Some(story) => op.data = Some(story),
+            None => return Ok(false),
         }
     }
     Ok(true)
@@ -1501,8 +1499,7 @@ fn unpatch_rejected(reply: &mut PushReply, outgoing: &mut [Operation]) -> Vec<Op
         .iter_mut()
         .filter(|op| refused.contains(&op.story_id))
         .map(|op| {
-            op.extra.remove(PATCH);
-            op.extra.remove(CONTENT_HASH);
+            patch::detach(op);
             op.clone()
         })
         .collect()

@@ -8,9 +8,9 @@ use crate::value::{Map, Value};
 
 use super::{
     body_part, content_hash, is_reserved, queued_change, queued_hash, story_tags, EngineConfig,
-    Host, Progress, Step, Storage, StoryFilter, SyncError, CONTENT_HASH,
+    Host, Progress, Step, Storage, StoryFilter, SyncError,
 };
-use crate::patch::PATCH;
+use crate::patch;
 
 /// Longest story id accepted, in bytes.
 const MAX_ID_LEN: usize = 255;
@@ -245,8 +245,10 @@ pub(super) fn parse_remote(value: Value) -> Result<Operation, String> {
         (Some(_), OpType::Delete) => op.data = None,
         (Some(_), _) => return Err("data must be a table".into()),
     }
-    if op.extra.contains_key(PATCH) {
-        check_patched(&op)?;
+    if patch::is_patched(&op) {
+        if let Some(problem) = patch::shape_problem(&op) {
+            return Err(format!("a patched operation is malformed: {problem}"));
+        }
     } else if matches!(op.op_type, OpType::Create | OpType::Update) && op.data.is_none() {
         return Err(format!("a {} has no data", op.op_type.as_str()));
     }
@@ -257,21 +259,6 @@ pub(super) fn parse_remote(value: Value) -> Result<Operation, String> {
         op.device_id = "unknown".into();
     }
     Ok(op)
-}
-
-/// A patched update carries a patch list, the content hash of its result and
-/// the version it applies to, and no data.
-fn check_patched(op: &Operation) -> Result<(), String> {
-    let well_formed = op.op_type == OpType::Update
-        && op.data.is_none()
-        && op.base_version.is_some()
-        && matches!(op.extra.get(PATCH), Some(Value::Array(_)))
-        && matches!(op.extra.get(CONTENT_HASH), Some(Value::Str(_)));
-    if well_formed {
-        Ok(())
-    } else {
-        Err("a patched operation must be an update with a patch list, a content_hash and a base_version, and no data".into())
-    }
 }
 
 #[cfg(test)]
@@ -340,7 +327,7 @@ mod tests {
                 "patch":[{"op":"replace","path":"/t","value":2}],"content_hash":"h"}"#,
         )
         .unwrap();
-        assert!(op.data.is_none() && op.extra.contains_key(PATCH));
+        assert!(op.data.is_none() && patch::is_patched(&op));
         for bad in [
             r#"{"id":"1","type":"update","story_id":"s","timestamp":1,"patch":[],"content_hash":"h"}"#,
             r#"{"id":"1","type":"update","story_id":"s","timestamp":1,"base_version":4,"patch":{},"content_hash":"h"}"#,

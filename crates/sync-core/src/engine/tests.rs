@@ -51,15 +51,15 @@ impl Server {
         if self.refuses_patches || latest.version != op.base_version {
             return None;
         }
-        let data = crate::patch::apply(latest.data.as_ref()?, op.extra.get(PATCH)?).ok()?;
-        let claimed = op.extra.get(CONTENT_HASH)?.as_str()?;
-        (content_hash(Some(&data)) == claimed).then(|| {
-            let mut whole = op.clone();
-            whole.extra.remove(PATCH);
-            whole.extra.remove(CONTENT_HASH);
-            whole.data = Some(data);
-            whole
-        })
+        let mut whole = op.clone();
+        let (patch, claimed) = crate::patch::detach(&mut whole)?;
+        let claimed = claimed?;
+        whole.data = Some(crate::patch::apply_checked(
+            latest.data.as_ref()?,
+            &patch,
+            claimed.as_str()?,
+        )?);
+        Some(whole)
     }
 }
 

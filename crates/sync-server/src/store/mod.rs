@@ -25,7 +25,7 @@ use std::future::Future;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use sync_core::engine::{content_hash, CONTENT_HASH};
+use sync_core::engine::CONTENT_HASH;
 use sync_core::patch::{self, PATCH};
 use sync_core::wire::{AcceptedOperation, ServerConflict, PATCH_REJECTED};
 use sync_core::{Map, OpType, Operation, Value};
@@ -318,11 +318,6 @@ impl StoryInPush {
     }
 }
 
-/// Whether an operation carries a patch instead of its story's content.
-pub(crate) fn is_patched(op: &Operation) -> bool {
-    op.extra.contains_key(PATCH)
-}
-
 /// Decides what a push stores, given the namespace's sequence number and what
 /// the database already holds: `existing` maps the push's operation ids that
 /// are already stored, `heads` maps its stories to their latest sequence number,
@@ -403,7 +398,7 @@ pub fn plan_push(
         let stale = op.base_version.is_some_and(|base| head_before > base);
         let mut rejection = story.rejected.or(stale.then_some(CONCURRENT_MODIFICATION));
         let mut patched_content = None;
-        if rejection.is_none() && is_patched(&op) {
+        if rejection.is_none() && patch::is_patched(&op) {
             let base = patch_bases.get(&op.story_id);
             match patched_story(&op, head_before, !story.has_rows(), base)? {
                 Some(content) => {
@@ -440,8 +435,7 @@ pub fn plan_push(
                     json: serde_json::to_string(&op)?,
                 };
                 op.data = Some(content);
-                op.extra.remove(PATCH);
-                op.extra.remove(CONTENT_HASH);
+                patch::detach(&mut op);
                 Some(form)
             }
             None => None,
@@ -530,9 +524,7 @@ fn patched_story(
     else {
         return Ok(None);
     };
-    Ok(patch::apply(&base, patch)
-        .ok()
-        .filter(|story| content_hash(Some(story)) == *expected_hash))
+    Ok(patch::apply_checked(&base, patch, expected_hash))
 }
 
 fn conflict(story_id: String, kind: &str, op_id: String, server_version: u64) -> ServerConflict {
@@ -578,6 +570,7 @@ pub(crate) fn from_sql_seq(v: i64) -> Result<u64, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sync_core::engine::content_hash;
     use sync_core::Value;
 
     fn op(id: &str, story: &str, op_type: OpType, base: Option<u64>) -> Operation {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::StreamExt;
+use sync_core::patch;
 use sync_core::Operation;
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
@@ -19,9 +20,9 @@ use tokio_postgres::{AsyncMessage, IsolationLevel, NoTls};
 
 use super::sqlite::{finish_page, stored_op};
 use super::{
-    fingerprint, from_sql_seq, is_patched, plan_push, select_key, to_sql_seq, ExistingOp,
-    FetchPage, FetchRequest, KeyRecord, NamespaceId, NewRow, PushNotice, PushOutcome, Storage,
-    StoreError, StoredOp, Supersede,
+    fingerprint, from_sql_seq, plan_push, select_key, to_sql_seq, ExistingOp, FetchPage,
+    FetchRequest, KeyRecord, NamespaceId, NewRow, PushNotice, PushOutcome, Storage, StoreError,
+    StoredOp, Supersede,
 };
 use crate::keys::{hashes_match, KeyHash};
 
@@ -194,7 +195,7 @@ impl Storage for PostgresStore {
         let stories: Vec<&str> = ops.iter().map(|op| op.story_id.as_str()).collect();
         let patched_stories: Vec<&str> = ops
             .iter()
-            .filter(|op| is_patched(op))
+            .filter(|op| patch::is_patched(op))
             .map(|op| op.story_id.as_str())
             .collect();
         let (find_ids, find_heads, find_patch_bases) = tokio::try_join!(

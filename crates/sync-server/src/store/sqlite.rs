@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::value::RawValue;
+use sync_core::patch;
 use sync_core::Operation;
 use tokio::sync::mpsc;
 
 use super::{
-    fingerprint, from_sql_seq, is_patched, plan_push, select_key, to_sql_seq, ExistingOp,
-    FetchPage, FetchRequest, KeyRecord, NamespaceId, PushNotice, PushOutcome, Storage, StoreError,
-    StoredOp, Supersede,
+    fingerprint, from_sql_seq, plan_push, select_key, to_sql_seq, ExistingOp, FetchPage,
+    FetchRequest, KeyRecord, NamespaceId, PushNotice, PushOutcome, Storage, StoreError, StoredOp,
+    Supersede,
 };
 use crate::keys::{hashes_match, KeyHash};
 
@@ -224,7 +225,7 @@ fn push_blocking(
                     seq.map(from_sql_seq).transpose()?.unwrap_or(0),
                 );
             }
-            if is_patched(op) && !patch_bases.contains_key(&op.story_id) {
+            if patch::is_patched(op) && !patch_bases.contains_key(&op.story_id) {
                 let found = live_content
                     .query_row(params![ns, op.story_id], |row| {
                         Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
