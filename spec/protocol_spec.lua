@@ -175,6 +175,30 @@ describe("detect_conflicts", function()
     assert.same({ "z", "m", "a" }, ids)
   end)
 
+  it("matches story ids of every length by content, not by string object", function()
+    -- Each side builds its own strings: long ones are separate objects in Lua 5.4.
+    local function id(len, last)
+      return table.concat({ ("s"):rep(len - 1), last })
+    end
+    local locals, remotes, expected = {}, {}, {}
+    for len = 1, 120 do
+      locals[#locals + 1] = op("l" .. len, UPDATE, id(len, "x"))
+      locals[#locals + 1] = op("m" .. len, UPDATE, id(len, "x"))
+      remotes[#remotes + 1] = op("r" .. len, UPDATE, id(len, "y"))
+      if len % 3 == 0 then
+        remotes[#remotes + 1] = op("s" .. len, UPDATE, id(len, "x"))
+        expected[#expected + 1] = id(len, "x")
+      end
+    end
+    local found = {}
+    for i, c in ipairs(Protocol.detect_conflicts(locals, remotes)) do
+      found[i] = c.story_id
+      assert.equal(2, #c.local_operations)
+      assert.equal(1, #c.remote_operations)
+    end
+    assert.same(expected, found)
+  end)
+
   it("raises a clear error for malformed input", function()
     assert.has_error(function() Protocol.detect_conflicts(nil, {}) end,
       "bad argument #1 to 'detect_conflicts' (table expected, got nil)")

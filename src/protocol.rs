@@ -21,7 +21,7 @@ use sync_core::value::Value;
 use sync_core::version_vector::{self, Versions};
 use thiserror::Error;
 
-use crate::raw::{self, ConvertError, ConvertErrorKind, Keys, State};
+use crate::raw::{self, ConvertError, ConvertErrorKind, Keys, State, StringIdentities};
 
 /// Misuse of a protocol function, reported to Lua as a message.
 #[derive(Debug, Error)]
@@ -182,35 +182,46 @@ fn create_operation(
     )
 }
 
-/// The `story_id` of each operation in the array at `list` (absolute index).
-unsafe fn story_ids<'a>(
+/// Operations read between resets of the stack in [`story_ids`]: each leaves
+/// its table and id on the stack, which saves a `lua_settop` per operation.
+const IDS_PER_RESET: usize = 32;
+
+/// The identity of the `story_id` of each operation in the array at `list`
+/// (absolute index).
+unsafe fn story_ids(
     state: State,
     keys: &FieldKeys,
+    identities: &mut StringIdentities,
     list: c_int,
     side: &str,
-) -> Result<Vec<&'a [u8]>, ProtocolCallError> {
+) -> Result<Vec<*const u8>, ProtocolCallError> {
+    raw::ensure_stack(state, 2 * IDS_PER_RESET)?;
     let count = ffi::lua_rawlen(state, list);
     let mut ids = Vec::with_capacity(count);
-    let op = ffi::lua_gettop(state) + 1;
+    let base = ffi::lua_gettop(state);
     let key = keys.at(STORY_ID);
     for i in 1..=count {
+        if (i - 1) % IDS_PER_RESET == 0 {
+            ffi::lua_settop(state, base);
+        }
         if ffi::lua_rawgeti(state, list, i as _) != ffi::LUA_TTABLE {
+            ffi::lua_settop(state, base);
             return Err(ProtocolCallError::Invalid(format!(
                 "{side}[{i}] is not an operation table"
             )));
         }
         ffi::lua_pushvalue(state, key);
-        let Some(id) =
-            (ffi::lua_rawget(state, op) == ffi::LUA_TSTRING).then(|| raw::bytes(state, -1))
-        else {
+        if ffi::lua_rawget(state, -2) != ffi::LUA_TSTRING {
+            ffi::lua_settop(state, base);
             return Err(ProtocolCallError::Invalid(format!(
                 "{side}[{i}].story_id must be a string"
             )));
-        };
-        // The string stays referenced by the operation, which the caller's list keeps alive.
-        ids.push(id);
-        ffi::lua_settop(state, op - 1);
+        }
+        // The string stays referenced by the operation, which the caller's list keeps
+        // alive, so its address stays its identity for the call.
+        ids.push(identities.of(state, -1));
     }
+    ffi::lua_settop(state, base);
     Ok(ids)
 }
 
@@ -251,8 +262,9 @@ fn detect_conflicts(lua: &Lua, (local, remote): (LuaValue, LuaValue)) -> mlua::R
             expect_table(state, 1, "detect_conflicts")?;
             expect_table(state, 2, "detect_conflicts")?;
             let keys = FieldKeys::push(state, FIELDS)?;
-            let local_ids = story_ids(state, &keys, 1, "local_ops")?;
-            let remote_ids = story_ids(state, &keys, 2, "remote_ops")?;
+            let mut identities = StringIdentities::default();
+            let local_ids = story_ids(state, &keys, &mut identities, 1, "local_ops")?;
+            let remote_ids = story_ids(state, &keys, &mut identities, 2, "remote_ops")?;
             let shared = shared_stories(&local_ids, &remote_ids);
             ffi::lua_createtable(state, shared.stories.len() as c_int, 0);
             let out = ffi::lua_gettop(state);
@@ -751,6 +763,10 @@ fn update_version_vector(
 
 /// The protocol module table: functions and constants.
 pub(crate) fn module(lua: &Lua) -> mlua::Result<Table> {
+    raw::with_stack(lua, (), |state| unsafe {
+        raw::probe_interned_length(state)
+    })?
+    .map_err(mlua::Error::external)?;
     let exports = lua.create_table()?;
     exports.set("create_operation", lua.create_function(create_operation)?)?;
     exports.set("detect_conflicts", lua.create_function(detect_conflicts)?)?;

@@ -8,6 +8,7 @@
 //! unwinds to the protected call, leaking the Rust temporaries of the failed
 //! call but never corrupting the Lua state.
 
+use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 
 use mlua::ffi::{self, lua_State};
@@ -165,6 +166,59 @@ pub(crate) unsafe fn bytes<'a>(state: State, idx: c_int) -> &'a [u8] {
     let mut len = 0;
     let ptr = ffi::lua_tolstring(state, idx, &mut len);
     std::slice::from_raw_parts(ptr.cast(), len)
+}
+
+/// Gives each distinct string one address, so that strings can be hashed and
+/// compared as addresses: Lua interns short strings itself, and longer ones
+/// (rare as ids) take the address of the first equal string seen.
+#[derive(Default)]
+pub(crate) struct StringIdentities<'a> {
+    long: HashMap<&'a [u8], *const u8>,
+}
+
+impl<'a> StringIdentities<'a> {
+    /// The identity of the string at `idx` (which must be a string). Valid
+    /// while that string stays referenced.
+    #[inline]
+    pub unsafe fn of(&mut self, state: State, idx: c_int) -> *const u8 {
+        let s: &'a [u8] = bytes(state, idx);
+        if s.len() <= interned_length() {
+            s.as_ptr()
+        } else {
+            *self.long.entry(s).or_insert(s.as_ptr())
+        }
+    }
+}
+
+/// How long a string this Lua interns at most (Lua 5.4: 40 bytes; Lua 5.1 and
+/// LuaJIT intern all, counted here up to [`PROBED_LENGTH`]). Measured once,
+/// from the Lua the module was opened in: each build links one Lua.
+pub(crate) fn interned_length() -> usize {
+    INTERNED_LENGTH.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Longest length [`probe_interned_length`] tries.
+const PROBED_LENGTH: usize = 64;
+
+/// 0 until probed, so that an unprobed module interns nothing.
+static INTERNED_LENGTH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Finds the longest string length for which two equal strings pushed
+/// separately are one object, and records it for [`string_key`].
+pub(crate) unsafe fn probe_interned_length(state: State) -> Result<(), ConvertErrorKind> {
+    ensure_stack(state, 2)?;
+    let (first, second) = ([b'~'; PROBED_LENGTH], [b'~'; PROBED_LENGTH]);
+    let interned = (1..=PROBED_LENGTH)
+        .take_while(|&len| {
+            ffi::lua_pushlstring(state, first.as_ptr().cast(), len);
+            ffi::lua_pushlstring(state, second.as_ptr().cast(), len);
+            let same = bytes(state, -1).as_ptr() == bytes(state, -2).as_ptr();
+            ffi::lua_settop(state, -3);
+            same
+        })
+        .count();
+    INTERNED_LENGTH.store(interned, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// The string at `idx` if it is one (no number coercion).
