@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mlua::ffi::{self, lua_State};
 use mlua::{IntoLuaMulti, Lua, MultiValue};
@@ -194,17 +195,17 @@ impl<'a> StringIdentities<'a> {
 /// LuaJIT intern all, counted here up to [`PROBED_LENGTH`]). Measured once,
 /// from the Lua the module was opened in: each build links one Lua.
 pub(crate) fn interned_length() -> usize {
-    INTERNED_LENGTH.load(std::sync::atomic::Ordering::Relaxed)
+    INTERNED_LENGTH.load(Ordering::Relaxed)
 }
 
 /// Longest length [`probe_interned_length`] tries.
 const PROBED_LENGTH: usize = 64;
 
-/// 0 until probed, so that an unprobed module interns nothing.
-static INTERNED_LENGTH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// 0 until probed: then no string is taken as interned.
+static INTERNED_LENGTH: AtomicUsize = AtomicUsize::new(0);
 
 /// Finds the longest string length for which two equal strings pushed
-/// separately are one object, and records it for [`string_key`].
+/// separately are one object, and records it for [`StringIdentities`].
 pub(crate) unsafe fn probe_interned_length(state: State) -> Result<(), ConvertErrorKind> {
     ensure_stack(state, 2)?;
     let (first, second) = ([b'~'; PROBED_LENGTH], [b'~'; PROBED_LENGTH]);
@@ -217,7 +218,7 @@ pub(crate) unsafe fn probe_interned_length(state: State) -> Result<(), ConvertEr
             same
         })
         .count();
-    INTERNED_LENGTH.store(interned, std::sync::atomic::Ordering::Relaxed);
+    INTERNED_LENGTH.store(interned, Ordering::Relaxed);
     Ok(())
 }
 
