@@ -205,14 +205,12 @@ unsafe fn story_ids(
             ffi::lua_settop(state, base);
         }
         if ffi::lua_rawgeti(state, list, i as _) != ffi::LUA_TTABLE {
-            ffi::lua_settop(state, base);
             return Err(ProtocolCallError::Invalid(format!(
                 "{side}[{i}] is not an operation table"
             )));
         }
         ffi::lua_pushvalue(state, key);
         if ffi::lua_rawget(state, -2) != ffi::LUA_TSTRING {
-            ffi::lua_settop(state, base);
             return Err(ProtocolCallError::Invalid(format!(
                 "{side}[{i}].story_id must be a string"
             )));
