@@ -358,18 +358,23 @@ async fn receive(socket: &mut Socket) -> Value {
     }
 }
 
+/// Device `a` creates story `full` over `socket`, acknowledged as version 1.
+async fn create_over_socket(socket: &mut Socket, story: &Value) {
+    send(
+        socket,
+        json!({"type": "push_operations", "request_id": 1, "device_id": "a",
+               "operations": [create("full", story)]}),
+    )
+    .await;
+    assert_eq!(receive(socket).await["version"], 1);
+}
+
 #[tokio::test]
 async fn patched_update_over_websocket_fans_out_whole() {
     let (_dir, mut writer, mut reader) = served_socket_pair().await;
     let (v1, v2) = (epic("Once."), epic("Once, rewritten."));
 
-    send(
-        &mut writer,
-        json!({"type": "push_operations", "request_id": 1, "device_id": "a",
-                             "operations": [create("full", &v1)]}),
-    )
-    .await;
-    assert_eq!(receive(&mut writer).await["version"], 1);
+    create_over_socket(&mut writer, &v1).await;
     assert_eq!(receive(&mut reader).await["operation"]["data"], v1);
     send(
         &mut writer,
@@ -481,13 +486,7 @@ async fn patched_updates_are_served_patched_to_clients_that_ask() {
 async fn sync_requests_with_patches_get_patched_updates() {
     let (_dir, mut writer, mut reader) = served_socket_pair().await;
     let (v1, v2) = (epic("Once."), epic("Once, rewritten."));
-    send(
-        &mut writer,
-        json!({"type": "push_operations", "request_id": 1, "device_id": "a",
-               "operations": [create("full", &v1)]}),
-    )
-    .await;
-    assert_eq!(receive(&mut writer).await["version"], 1);
+    create_over_socket(&mut writer, &v1).await;
     send(
         &mut writer,
         json!({"type": "push_operations", "request_id": 2, "device_id": "a",
